@@ -1,0 +1,97 @@
+"""The spool: sanitised paths that never leave the root, atomic durable writes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from triage_node.errors import SpoolError
+from triage_node.spool import Spool, safe_component
+
+
+def test_valid_uid_kept() -> None:
+    assert safe_component("1.2.840.113619.2.55.3") == "1.2.840.113619.2.55.3"
+
+
+@pytest.mark.parametrize(
+    "uid", ["../../x", "1.2/3", "..", ".", "", "ID_abc123", "a\\b", "1.2.3\x00", "/etc/passwd",
+            "9" * 65, "1..2", "x" * 500]
+)
+def test_unsafe_uids_are_contained(uid: str) -> None:
+    name = safe_component(uid)
+    assert name and "/" not in name and "\\" not in name and "\x00" not in name
+    assert not name.startswith(".")
+    assert name not in (".", "..")
+    assert len(name) <= 96
+
+
+def test_distinct_inputs_distinct_names() -> None:
+    assert safe_component("1.2/3") != safe_component("1.2_3")
+    assert safe_component("ID_a") != safe_component("ID-a")
+
+
+@given(st.text(max_size=200))
+def test_any_string_stays_in_one_folder(value: str) -> None:
+    name = safe_component(value)
+    assert "/" not in name and name not in ("", ".", "..") and not name.startswith(".")
+
+
+def test_commit_places_file_atomically(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    rel = spool.relpath_for("1.2.3", "../../evil", "4.5.6")
+    path = spool.write(rel, b"DICM-data")
+    assert path.read_bytes() == b"DICM-data"
+    assert (tmp_path / "spool").resolve() in path.resolve().parents
+    assert not any(spool.incoming.iterdir()), "temporary file left behind"
+    # A re-sent instance replaces the file in place.
+    spool.write(rel, b"again")
+    assert path.read_bytes() == b"again"
+
+
+def test_path_refuses_escape(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    with pytest.raises(SpoolError, match="leaves the spool"):
+        spool.path("../outside.dcm")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_unwritable_spool_fails_prepare(tmp_path: Path) -> None:  # pragma: no cover - non-root
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    with pytest.raises(SpoolError):
+        Spool(ro / "spool").prepare()
+
+
+def test_unwritable_spool_fails_commit(tmp_path: Path) -> None:
+    """A spool whose target cannot be created (a file where a folder should be)."""
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    (tmp_path / "spool" / "1.2.3").write_bytes(b"not a folder")
+    fh, tmp = spool.open_incoming()
+    fh.write(b"x")
+    fh.close()
+    with pytest.raises(SpoolError, match="cannot store"):
+        spool.commit(tmp, spool.relpath_for("1.2.3", "4", "5"))
+    assert not tmp.exists(), "failed commit must not leave the temporary file"
+
+
+def test_space_reserve(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, min_free_bytes=2**62)
+    with pytest.raises(SpoolError, match="nearly full"):
+        spool.check_space()
+    Spool(tmp_path, min_free_bytes=1).check_space()
+
+
+def test_clear_incoming(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.prepare()
+    for _ in range(3):
+        fh, _p = spool.open_incoming()
+        fh.close()
+    assert spool.clear_incoming() == 3
+    assert not any(spool.incoming.iterdir())

@@ -1,0 +1,124 @@
+"""Value objects and vocabularies shared by every layer (imports nothing of ours)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from enum import StrEnum
+
+#: The classifier's outputs, in the order of the RSNA challenge.
+LABELS: tuple[str, ...] = (
+    "any",
+    "epidural",
+    "intraparenchymal",
+    "intraventricular",
+    "subarachnoid",
+    "subdural",
+)
+
+#: SOP classes whose instances can be triaged (axial CT images).
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+TRIAGEABLE_SOP_CLASSES: frozenset[str] = frozenset({CT_IMAGE_STORAGE})
+
+
+class InstanceState(StrEnum):
+    """What happened to one received instance."""
+
+    STORED = "stored"  # on disk, recorded, a triage candidate
+    NOT_FOR_TRIAGE = "not_for_triage"  # on disk, recorded, never triaged (see reason)
+
+
+class SeriesState(StrEnum):
+    """Life cycle of a series; later stages are added by the pipeline."""
+
+    RECEIVING = "receiving"
+    NOT_TRIAGED = "not_triaged"
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class EventKind(StrEnum):
+    """Kinds of audit events."""
+
+    ASSOCIATION_OPENED = "association_opened"
+    ASSOCIATION_CLOSED = "association_closed"
+    ASSOCIATION_ABORTED = "association_aborted"
+    ASSOCIATION_REJECTED = "association_rejected"
+    INSTANCE_STORED = "instance_stored"
+    INSTANCE_REFUSED = "instance_refused"
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    """Header facts of one received instance, as recorded in the database.
+
+    ``file_path`` is relative to the spool root; ``image_position`` and
+    ``image_orientation`` are the patient-space vectors or ``None`` when absent.
+    """
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    patient_id: str
+    transfer_syntax_uid: str
+    file_path: str
+    file_size: int
+    received_at: dt.datetime
+    calling_ae: str
+    state: InstanceState
+    reason: str | None = None
+    patient_name: str = ""
+    accession_number: str = ""
+    study_date: str = ""
+    study_description: str = ""
+    modality: str = ""
+    body_part_examined: str = ""
+    series_description: str = ""
+    series_number: int | None = None
+    image_type: str = ""
+    instance_number: int | None = None
+    image_position: tuple[float, float, float] | None = None
+    image_orientation: tuple[float, float, float, float, float, float] | None = None
+    rows: int | None = None
+    columns: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    """One audit event: who did what, when, with which outcome."""
+
+    kind: EventKind
+    at: dt.datetime
+    actor: str = ""  # calling AE title or user name
+    peer: str = ""  # remote address
+    outcome: str = ""  # "success", a DICOM status in hex, or a reason
+    detail: str = ""
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    sop_instance_uid: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesSummary:
+    """One row of ``triage-node series``."""
+
+    series_instance_uid: str
+    study_instance_uid: str
+    patient_id: str
+    accession_number: str
+    modality: str
+    series_description: str
+    instance_count: int
+    state: SeriesState
+    reason: str | None
+    first_received_at: dt.datetime | None
+    last_received_at: dt.datetime | None
+
+
+def utcnow() -> dt.datetime:
+    """Timezone-aware current UTC time (the only clock the node records)."""
+    return dt.datetime.now(dt.UTC)

@@ -1,0 +1,207 @@
+"""The spool: received instances as DICOM files, written atomically and durably.
+
+Layout: ``<root>/<study>/<series>/<sop>.dcm`` with every component sanitised
+(:func:`safe_component`), and ``<root>/.incoming/`` for files being received. Both sit on
+one file system, so moving a finished file into place is an atomic ``rename``.
+
+Durability protocol for one instance (the SCP acknowledges only after it returns):
+``fsync(file)`` -> ``rename(tmp, final)`` -> ``fsync(final's directory)``, plus an
+``fsync`` of each parent directory created on the way.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+from triage_node.errors import SpoolError
+
+INCOMING = ".incoming"
+_SAFE = re.compile(r"[^0-9A-Za-z._-]")
+_MAX_COMPONENT = 96
+
+
+def safe_component(value: str) -> str:
+    """Turn a UID (or any string from a peer) into one safe path component.
+
+    A well-formed UID (digits and dots, at most 64 characters) is used unchanged. Anything
+    else - ``../../x``, ``1.2/3``, ``ID_abc`` as in the RSNA files, an empty or oversized
+    value - keeps its safe characters for readability and gets a hash suffix, so two
+    different inputs never map to the same name and the result never leaves its folder.
+
+    Examples
+    --------
+    >>> safe_component("1.2.840.113619.2.1")
+    '1.2.840.113619.2.1'
+    >>> safe_component("../../etc/passwd")
+    '_.._etc_passwd-3754d6cb3a38e118'
+    """
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)*", value) and len(value) <= 64:
+        return value
+    digest = hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    cleaned = _SAFE.sub("_", value).lstrip(".")[:_MAX_COMPONENT - 17]
+    return f"{cleaned}-{digest}" if cleaned else f"x-{digest}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """Atomic, durable storage of received instances under one root directory.
+
+    Parameters
+    ----------
+    root : Path
+        The spool root; created if missing.
+    fsync : bool
+        Flush files and directories to stable storage before :meth:`commit` returns.
+        Only benchmarks turn this off.
+    min_free_bytes : int
+        :meth:`check_space` fails when less than this is free on the spool's disk.
+    """
+
+    def __init__(self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0) -> None:
+        self.root = Path(root)
+        self.incoming = self.root / INCOMING
+        self.fsync = fsync
+        self.min_free_bytes = min_free_bytes
+        self._known_dirs: set[Path] = set()
+
+    def prepare(self) -> None:
+        """Create the folders and prove the spool is writable.
+
+        Raises
+        ------
+        SpoolError
+            If the root cannot be created or written.
+        """
+        try:
+            self.incoming.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.incoming, prefix="probe-"):
+                pass
+        except OSError as exc:
+            raise SpoolError(f"spool {self.root} is not writable: {exc}") from exc
+
+    def relpath_for(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
+        """The sanitised path, relative to the root, of one instance."""
+        return "/".join(
+            (safe_component(study_uid), safe_component(series_uid), safe_component(sop_uid))
+        ) + ".dcm"
+
+    def path(self, relpath: str) -> Path:
+        """Absolute path of ``relpath``; refuses anything that would leave the root."""
+        full = (self.root / relpath).resolve()
+        root = self.root.resolve()
+        if root not in full.parents:
+            raise SpoolError(f"path {relpath!r} leaves the spool")
+        return full
+
+    def free_bytes(self) -> int:
+        """Bytes available to us on the spool's file system."""
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def check_space(self) -> None:
+        """Raise :class:`SpoolError` when the disk is below the configured reserve."""
+        if self.min_free_bytes and self.free_bytes() < self.min_free_bytes:
+            raise SpoolError(
+                f"spool disk nearly full: {self.free_bytes() // 2**20} MiB free, "
+                f"reserve is {self.min_free_bytes // 2**20} MiB"
+            )
+
+    def open_incoming(self) -> tuple[BinaryIO, Path]:
+        """A new temporary file in ``.incoming`` to receive into (caller closes it)."""
+        try:
+            fd, name = tempfile.mkstemp(dir=self.incoming, suffix=".part")
+        except OSError as exc:
+            raise SpoolError(f"cannot create a file in {self.incoming}: {exc}") from exc
+        return os.fdopen(fd, "wb"), Path(name)
+
+    def _ensure_dir(self, directory: Path) -> None:
+        if directory in self._known_dirs:
+            return
+        missing = []
+        d = directory
+        while not d.exists():
+            missing.append(d)
+            d = d.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.fsync:
+            # A new directory entry is durable only once its parent is synced.
+            for created in reversed(missing):
+                _fsync_dir(created.parent)
+        self._known_dirs.add(directory)
+        if len(self._known_dirs) > 4096:
+            self._known_dirs.clear()
+
+    def commit(self, tmp: Path, relpath: str) -> Path:
+        """Durably move a fully written temporary file to its place in the spool.
+
+        A file already at ``relpath`` (a re-sent instance) is replaced atomically.
+
+        Raises
+        ------
+        SpoolError
+            On any OS error (disk full, permissions, I/O); ``tmp`` is removed.
+        """
+        final = self.path(relpath)
+        try:
+            if self.fsync:
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            self._ensure_dir(final.parent)
+            os.replace(tmp, final)
+            if self.fsync:
+                _fsync_dir(final.parent)
+        except OSError as exc:
+            self.discard(tmp)
+            why = "disk full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+            raise SpoolError(f"cannot store {relpath}: {why}") from exc
+        return final
+
+    def write(self, relpath: str, data: bytes) -> Path:
+        """Write ``data`` atomically and durably at ``relpath`` (for non-streamed input)."""
+        fh, tmp = self.open_incoming()
+        try:
+            with fh:
+                fh.write(data)
+        except OSError as exc:
+            self.discard(tmp)
+            raise SpoolError(f"cannot write {relpath}: {exc}") from exc
+        return self.commit(tmp, relpath)
+
+    def discard(self, tmp: Path) -> None:
+        """Remove a temporary file, ignoring one that is already gone."""
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            pass
+
+    def clear_incoming(self) -> int:
+        """Remove leftovers of interrupted receptions (never acknowledged); returns a count."""
+        n = 0
+        if not self.incoming.is_dir():
+            return 0
+        for entry in os.scandir(self.incoming):
+            if entry.is_file():
+                self.discard(Path(entry.path))
+                n += 1
+            elif entry.is_dir():
+                shutil.rmtree(entry.path, ignore_errors=True)
+        return n
