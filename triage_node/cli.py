@@ -1,0 +1,225 @@
+"""``triage-node``: the command line (imports anything; nothing imports it)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from triage_node import __version__
+from triage_node.config import ENV_CONFIG, ENV_DATA_DIR, Config, load_config
+from triage_node.errors import AssociationError, ConfigError, TriageNodeError
+from triage_node.logs import setup_logging
+
+log = logging.getLogger("triage_node")
+
+
+def _hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE",
+                        help=f"config.toml (default: ${ENV_CONFIG}, else built-in defaults)")
+    common.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="override [logging] level")
+    common.add_argument("--log-json", action="store_true", default=None,
+                        help="one JSON object per log line")
+
+    parser = argparse.ArgumentParser(
+        prog="triage-node",
+        description="DICOM node that triages head CT for intracranial hemorrhage.",
+    )
+    parser.add_argument("--version", action="version", version=f"triage-node {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def listener(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--host", help="override [dicom] host")
+        p.add_argument("--port", type=int, help="override [dicom] port (0 = any free port)")
+        p.add_argument("--ae-title", help="override [dicom] ae_title")
+        p.add_argument("--processes", type=int, help="override [dicom] processes")
+        p.add_argument("--data-dir", type=Path, help="data directory (spool and SQLite)")
+
+    p = sub.add_parser("serve", parents=[common],
+                       help="run everything one machine needs (for now: the Storage SCP)")
+    listener(p)
+    p = sub.add_parser("scp", parents=[common], help="run the DICOM Storage SCP")
+    listener(p)
+
+    p = sub.add_parser("db", parents=[common], help="database maintenance")
+    dbsub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    dbsub.add_parser("upgrade", parents=[common], help="apply schema migrations (idempotent)")
+    dbsub.add_parser("current", parents=[common], help="print the schema revision")
+
+    p = sub.add_parser("send", parents=[common], help="send DICOM files/folders by C-STORE")
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    p.add_argument("--to", required=True, type=_hostport, metavar="HOST:PORT")
+    p.add_argument("--called-ae", default="ICHTRIAGE")
+    p.add_argument("--calling-ae", default="TRIAGE-SCU")
+
+    p = sub.add_parser("echo", parents=[common], help="C-ECHO a DICOM peer")
+    p.add_argument("to", type=_hostport, metavar="HOST:PORT")
+    p.add_argument("--called-ae", default="ICHTRIAGE")
+    p.add_argument("--calling-ae", default="TRIAGE-SCU")
+
+    p = sub.add_parser("series", parents=[common], help="list received series")
+    p.add_argument("--json", action="store_true", help="JSON output")
+    p.add_argument("--limit", type=int, default=None)
+
+    p = sub.add_parser("config", parents=[common], help="print the effective configuration")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    env = dict(os.environ)
+    if getattr(args, "data_dir", None):
+        # On the command line it moves the defaults that live under it (spool, SQLite) too.
+        env[ENV_DATA_DIR] = str(args.data_dir)
+    config = load_config(args.config, env=env)
+    dicom = config.dicom
+    overrides = {k: getattr(args, k, None) for k in ("host", "port", "ae_title", "processes")}
+    dicom = replace(dicom, **{k: v for k, v in overrides.items() if v is not None})
+    level = args.log_level or config.logging.level
+    as_json = args.log_json if args.log_json is not None else config.logging.json
+    return replace(config, dicom=dicom,
+                   logging=replace(config.logging, level=level, json=as_json))
+
+
+def _log_effective(config: Config) -> None:
+    log.info("triage-node %s, configuration from %s: %s", __version__, config.source,
+             json.dumps(config.redacted(), sort_keys=True))
+
+
+def _cmd_scp(config: Config) -> int:
+    from triage_node.scp import run_scp
+
+    _log_effective(config)
+    return run_scp(config)
+
+
+def _cmd_db(args: argparse.Namespace, config: Config) -> int:
+    from triage_node import store
+    from triage_node.logs import redact_url
+
+    if args.db_command == "upgrade":
+        store.upgrade(config.database.url)
+        print(f"database {redact_url(config.database.url)} at revision "
+              f"{store.current_revision(config.database.url)}")
+    else:
+        print(store.current_revision(config.database.url) or "(empty)")
+    return 0
+
+
+def _cmd_send(args: argparse.Namespace) -> int:
+    from triage_node import scu
+
+    host, port = args.to
+    files = scu.collect_files(args.paths)
+    if not files:
+        print("no DICOM files found", file=sys.stderr)
+        return 2
+    report = scu.send(files, host, port, called_ae=args.called_ae, calling_ae=args.calling_ae)
+    print(f"sent {report.sent} of {len(files)} file(s) in {report.seconds:.2f} s"
+          + (f", {len(report.failed)} failed" if report.failed else ""))
+    for failed in report.failed:
+        status = f"0x{failed.status:04X}" if failed.status is not None else "-"
+        print(f"  FAILED {failed.path}: {status} {failed.reason}", file=sys.stderr)
+    return 0 if not report.failed else 1
+
+
+def _cmd_echo(args: argparse.Namespace) -> int:
+    from triage_node import scu
+
+    host, port = args.to
+    seconds = scu.echo(host, port, called_ae=args.called_ae, calling_ae=args.calling_ae)
+    print(f"C-ECHO {args.called_ae}@{host}:{port}: success in {seconds * 1000:.1f} ms")
+    return 0
+
+
+def _cmd_series(args: argparse.Namespace, config: Config) -> int:
+    from triage_node import store
+
+    engine = store.make_engine(config.database.url)
+    try:
+        store.upgrade(config.database.url)
+        rows = store.list_series(store.make_session_factory(engine), limit=args.limit)
+    finally:
+        engine.dispose()
+    if args.json:
+        out = [
+            {
+                "series_instance_uid": r.series_instance_uid,
+                "study_instance_uid": r.study_instance_uid,
+                "patient_id": r.patient_id,
+                "accession_number": r.accession_number,
+                "modality": r.modality,
+                "series_description": r.series_description,
+                "instance_count": r.instance_count,
+                "state": r.state.value,
+                "reason": r.reason,
+                "first_received_at": r.first_received_at.isoformat()
+                if r.first_received_at else None,
+                "last_received_at": r.last_received_at.isoformat()
+                if r.last_received_at else None,
+            }
+            for r in rows
+        ]
+        print(json.dumps(out, indent=2))
+        return 0
+    if not rows:
+        print("no series received")
+        return 0
+    print(f"{'last received (UTC)':<20} {'patient':<16} {'mod':<4} {'n':>5} {'state':<12} "
+          "series UID / description")
+    for r in rows:
+        when = r.last_received_at.strftime("%Y-%m-%d %H:%M:%S") if r.last_received_at else "-"
+        print(f"{when:<20} {r.patient_id[:16]:<16} {r.modality[:4]:<4} {r.instance_count:>5} "
+              f"{r.state.value:<12} {r.series_instance_uid} {r.series_description}"
+              + (f" ({r.reason})" if r.reason else ""))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        config = _load(args)
+    except ConfigError as exc:
+        print(f"triage-node: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.logging.level, json_lines=config.logging.json)
+    try:
+        if args.command in ("scp", "serve"):
+            return _cmd_scp(config)
+        if args.command == "db":
+            return _cmd_db(args, config)
+        if args.command == "send":
+            return _cmd_send(args)
+        if args.command == "echo":
+            return _cmd_echo(args)
+        if args.command == "series":
+            return _cmd_series(args, config)
+        if args.command == "config":
+            print(json.dumps(config.redacted(), indent=2, sort_keys=True))
+            return 0
+    except AssociationError as exc:
+        print(f"triage-node: {exc}", file=sys.stderr)
+        return 1
+    except TriageNodeError as exc:
+        log.error("%s", exc)
+        print(f"triage-node: {exc}", file=sys.stderr)
+        return 1
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

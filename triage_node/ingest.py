@@ -1,0 +1,252 @@
+"""From a received file to a database record: header parse, triage eligibility, group commit.
+
+Nothing here touches the network; :mod:`triage_node.scp` calls it from the C-STORE handler.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from triage_node.domain import (
+    CT_IMAGE_STORAGE,
+    ENHANCED_CT_IMAGE_STORAGE,
+    EventRecord,
+    InstanceRecord,
+    InstanceState,
+)
+from triage_node.errors import DatabaseError, InvalidDatasetError
+
+log = logging.getLogger(__name__)
+
+_MAX_TEXT = 256
+
+
+def read_header(path: Path) -> Dataset:
+    """Parse a DICOM file up to (not including) its pixel data.
+
+    Raises
+    ------
+    InvalidDatasetError
+        If the file is not DICOM or its header cannot be decoded.
+    """
+    try:
+        ds = dcmread(path, stop_before_pixels=True)
+        # Touch the identifying elements now so a malformed value fails here, not later.
+        for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            ds.get(kw)
+    except (InvalidDicomError, ValueError, KeyError, TypeError, EOFError,
+            OSError, NotImplementedError) as exc:
+        raise InvalidDatasetError(f"cannot parse dataset header: {exc}") from exc
+    return ds
+
+
+def _text(value: Any, limit: int = _MAX_TEXT) -> str:
+    """A value as clean text for the database: no NULs (PostgreSQL refuses them), bounded."""
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        value = "\\".join(str(v) for v in value)
+    return str(value).replace("\x00", "").strip()[:limit]
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _floats(value: Any, n: int) -> tuple[float, ...] | None:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n else None
+
+
+def _get(ds: Dataset, keyword: str) -> Any:
+    try:
+        return ds.get(keyword)
+    except Exception:  # a malformed optional element must not refuse the instance
+        return None
+
+
+def triage_eligibility(ds: Dataset, sop_class_uid: str) -> tuple[InstanceState, str | None]:
+    """Whether an instance can be triaged, and if not, why (stored and recorded either way).
+
+    Series-level rules (head, axial, enough slices) come later, in series assembly.
+    """
+    if sop_class_uid == ENHANCED_CT_IMAGE_STORAGE:
+        return InstanceState.NOT_FOR_TRIAGE, "enhanced (multi-frame) CT is not triaged yet"
+    if sop_class_uid != CT_IMAGE_STORAGE:
+        name = getattr(_get(ds, "SOPClassUID"), "name", sop_class_uid)
+        return InstanceState.NOT_FOR_TRIAGE, f"not a CT image (SOP class {name})"
+    modality = _text(_get(ds, "Modality"))
+    if modality and modality != "CT":
+        return InstanceState.NOT_FOR_TRIAGE, f"modality {modality} is not CT"
+    image_type = [_text(v).upper() for v in (_get(ds, "ImageType") or [])]
+    if "LOCALIZER" in image_type or "SCOUT" in image_type:
+        return InstanceState.NOT_FOR_TRIAGE, "localizer/scout image"
+    return InstanceState.STORED, None
+
+
+def instance_record(
+    ds: Dataset,
+    *,
+    sop_class_uid: str,
+    transfer_syntax_uid: str,
+    file_path: str,
+    file_size: int,
+    calling_ae: str,
+    received_at: dt.datetime,
+) -> InstanceRecord:
+    """Build the database record of one stored instance from its header."""
+    state, reason = triage_eligibility(ds, sop_class_uid)
+    return InstanceRecord(
+        sop_instance_uid=_text(_get(ds, "SOPInstanceUID"), 128),
+        sop_class_uid=sop_class_uid,
+        study_instance_uid=_text(_get(ds, "StudyInstanceUID"), 128),
+        series_instance_uid=_text(_get(ds, "SeriesInstanceUID"), 128),
+        patient_id=_text(_get(ds, "PatientID"), 64),
+        transfer_syntax_uid=transfer_syntax_uid,
+        file_path=file_path,
+        file_size=file_size,
+        received_at=received_at,
+        calling_ae=calling_ae,
+        state=state,
+        reason=reason,
+        patient_name=_text(_get(ds, "PatientName")),
+        accession_number=_text(_get(ds, "AccessionNumber"), 64),
+        study_date=_text(_get(ds, "StudyDate"), 16),
+        study_description=_text(_get(ds, "StudyDescription")),
+        modality=_text(_get(ds, "Modality"), 16),
+        body_part_examined=_text(_get(ds, "BodyPartExamined"), 64),
+        series_description=_text(_get(ds, "SeriesDescription")),
+        series_number=_int(_get(ds, "SeriesNumber")),
+        image_type=_text(_get(ds, "ImageType")),
+        instance_number=_int(_get(ds, "InstanceNumber")),
+        image_position=_floats(_get(ds, "ImagePositionPatient"), 3),  # type: ignore[arg-type]
+        image_orientation=_floats(_get(ds, "ImageOrientationPatient"), 6),  # type: ignore[arg-type]
+        rows=_int(_get(ds, "Rows")),
+        columns=_int(_get(ds, "Columns")),
+    )
+
+
+# ----------------------------------------------------------------------------- recorder
+
+BatchWriter = Callable[[Sequence[InstanceRecord], Sequence[EventRecord]], list[bool]]
+
+
+@dataclass(slots=True)
+class _Item:
+    instance: InstanceRecord | None
+    events: tuple[EventRecord, ...]
+    future: Future[bool] | None
+
+
+class Recorder:
+    """Group commit: one thread writes what many handler threads submit, in batches.
+
+    A handler calls :meth:`record` and blocks until the transaction holding its instance
+    has committed, so its C-STORE is acknowledged only for a durable record; meanwhile
+    concurrent associations share that commit. Audit-only events (:meth:`audit`) ride
+    along with the next batch and are not waited for.
+
+    Parameters
+    ----------
+    write_batch : callable
+        ``(instances, events) -> list[bool]``, e.g. a partial of
+        :func:`triage_node.store.record_batch`; True per instance that was new.
+    max_batch : int
+        Most instances per transaction.
+    """
+
+    def __init__(self, write_batch: BatchWriter, *, max_batch: int = 256) -> None:
+        self._write = write_batch
+        self._max_batch = max_batch
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
+        self._closed = False
+        self._thread.start()
+
+    def record(
+        self, instance: InstanceRecord, events: Sequence[EventRecord] = (), *, timeout: float = 60
+    ) -> bool:
+        """Durably record one instance (and its events); True if it was new.
+
+        Raises
+        ------
+        DatabaseError
+            If the transaction failed or did not finish within ``timeout``.
+        """
+        if self._closed:
+            raise DatabaseError("recorder is closed")
+        fut: Future[bool] = Future()
+        self._queue.put(_Item(instance, tuple(events), fut))
+        try:
+            return fut.result(timeout=timeout)
+        except TimeoutError as exc:
+            raise DatabaseError(f"database write did not complete within {timeout:g} s") from exc
+
+    def audit(self, *events: EventRecord) -> None:
+        """Queue audit events for the next transaction (not waited for)."""
+        if not self._closed:
+            self._queue.put(_Item(None, events, None))
+
+    def close(self, timeout: float = 30) -> None:
+        """Write what is queued, then stop the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                break
+            items = [first]
+            n = 1 if first.instance else 0
+            while n < self._max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                items.append(nxt)
+                n += 1 if nxt.instance else 0
+            self._flush(items)
+
+    def _flush(self, items: list[_Item]) -> None:
+        waiting = [it for it in items if it.instance is not None]
+        instances = [it.instance for it in waiting if it.instance is not None]
+        events = [ev for it in items for ev in it.events]
+        try:
+            results = self._write(instances, events)
+        except Exception as exc:
+            err = exc if isinstance(exc, DatabaseError) else DatabaseError(str(exc))
+            if not waiting:
+                log.warning("could not record %d audit events: %s", len(events), err)
+            for it in waiting:
+                assert it.future is not None
+                it.future.set_exception(err)
+            return
+        for it, is_new in zip(waiting, results, strict=True):
+            assert it.future is not None
+            it.future.set_result(is_new)

@@ -1,0 +1,519 @@
+"""The Storage SCP: receives C-STORE/C-ECHO as ``ICHTRIAGE`` and never loses an acknowledged slice.
+
+Shape
+-----
+``run_scp`` is a small supervisor. It resolves the listening address, then runs
+``dicom.processes`` receiving processes that each bind the same port with ``SO_REUSEPORT``
+(the kernel spreads associations over them, so every core receives) and restarts one that
+dies. Each process builds its engine, spool and :class:`~triage_node.ingest.Recorder` once
+and hands them to :class:`StorageSCP`, whose handlers use nothing global.
+
+Per instance (the C-STORE handler, :meth:`StorageSCP.handle_store`):
+pynetdicom streams the dataset into a file in ``<spool>/.incoming`` as it arrives (no
+decode, no re-encode) -> header-only parse -> checks -> ``fsync`` + atomic rename into
+place -> the record is committed (group commit with concurrent associations) -> 0x0000.
+Any failure on the way answers a specific failure status and logs why.
+
+SIGTERM: stop listening, give associations ``dicom.shutdown_grace`` seconds to finish,
+abort the rest (their unacknowledged instances are re-sent by the scanner), wait for
+handlers in flight, flush the recorder, exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import ssl
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, cast
+
+from pydicom.uid import AllTransferSyntaxes
+from pynetdicom import AE, _config, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from triage_node import store
+from triage_node.config import Config
+from triage_node.domain import EventKind, EventRecord, utcnow
+from triage_node.errors import DatabaseError, InvalidDatasetError, SpoolError
+from triage_node.ingest import Recorder, instance_record, read_header
+from triage_node.logs import setup_logging
+from triage_node.spool import Spool
+
+log = logging.getLogger(__name__)
+
+# DIMSE statuses we answer (PS3.4 B.2.3 / PS3.7 C.4.2); each failure has its own code.
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700  # spool cannot take it (disk full, I/O error)
+STATUS_DB_UNAVAILABLE = 0xA701  # "out of resources" range: could not be recorded
+STATUS_SOP_CLASS_MISMATCH = 0xA900  # dataset's SOP Class UID != the request's
+STATUS_CANNOT_PARSE = 0xC000  # cannot understand: the dataset does not decode
+STATUS_MISSING_IDENTIFIERS = 0xC001  # cannot understand: no Study/Series/SOP Instance UID
+STATUS_UID_MISMATCH = 0xC002  # cannot understand: SOP Instance UID != the request's
+STATUS_SHUTTING_DOWN = 0xA702  # node is stopping; send again later
+
+# Receive datasets straight to a file instead of decoding them into memory.
+_config.STORE_RECV_CHUNKED_DATASET = True
+
+
+#: Retired JPEG processes (PS3.5 A.4.1) that old modalities still send, and JPIP.
+_RETIRED_SYNTAXES = [f"1.2.840.10008.1.2.4.{n}" for n in (*range(52, 57), *range(58, 70), 94, 95)]
+
+
+def _storage_contexts() -> list[Any]:
+    """Every storage SOP class with every transfer syntax we can store as received."""
+    syntaxes = list(AllTransferSyntaxes) + _RETIRED_SYNTAXES
+    return [(cx.abstract_syntax, syntaxes) for cx in AllStoragePresentationContexts]
+
+
+def server_ssl_context(config: Config) -> ssl.SSLContext | None:
+    """The TLS context of the SCP, or None when ``[dicom.tls]`` is not configured."""
+    tls = config.dicom.tls
+    if not tls.enabled:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(tls.cert, tls.key or None)
+    if tls.ca:
+        ctx.load_verify_locations(tls.ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    return ctx
+
+
+class ReusePortServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, binding with SO_REUSEPORT so processes share a port."""
+
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def server_activate(self) -> None:
+        assert self.socket is not None
+        self.socket.listen(64)
+
+
+@dataclass
+class _AssocStats:
+    stored: int = 0
+    duplicates: int = 0
+    refused: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class StorageSCP:
+    """C-STORE and C-ECHO handlers bound to one spool and one recorder.
+
+    Parameters
+    ----------
+    config : Config
+        The effective configuration (``[dicom]`` is used here).
+    spool : Spool
+        Where instances are written; its ``.incoming`` folder must be the temporary
+        directory pynetdicom streams into (see :func:`serve_scp`).
+    recorder : Recorder
+        Commits instance records and audit events.
+    """
+
+    def __init__(self, config: Config, spool: Spool, recorder: Recorder) -> None:
+        self.config = config
+        self.spool = spool
+        self.recorder = recorder
+        self._stats: dict[int, _AssocStats] = {}
+        self._inflight = 0
+        self._cond = threading.Condition()
+        self.draining = False
+
+    # -- association life cycle ------------------------------------------------------
+
+    def _peer(self, event: evt.Event) -> tuple[str, str]:
+        assoc = event.assoc
+        ae = (assoc.requestor.primitive.calling_ae_title if assoc.requestor.primitive
+              else assoc.requestor.ae_title) or ""
+        return ae.strip(), assoc.requestor.address
+
+    def handle_requested(self, event: evt.Event) -> None:
+        """Reject callers not in ``allowed_callers`` (A-ASSOCIATE-RJ, calling AE not recognised)."""
+        ae, address = self._peer(event)
+        rules = self.config.dicom.allowed_callers
+        reason = ""
+        if self.draining:
+            reason = "node shutting down"
+            event.assoc.acse.send_reject(0x02, 0x03, 0x01)  # transient, congestion
+        elif rules and not any(r.matches(ae, address) for r in rules):
+            reason = "calling AE title not recognised"
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, user, calling AE
+        if reason:
+            log.warning("association from %s@%s rejected: %s", ae, address, reason)
+            self.recorder.audit(EventRecord(EventKind.ASSOCIATION_REJECTED, utcnow(), actor=ae,
+                                            peer=address, outcome="rejected", detail=reason))
+            event.assoc.kill()
+
+    def handle_rejected(self, event: evt.Event) -> None:
+        """Audit rejections made by pynetdicom itself (association limit, called AE)."""
+        ae, address = self._peer(event)
+        log.warning("association from %s@%s rejected by the association layer", ae, address)
+        self.recorder.audit(EventRecord(EventKind.ASSOCIATION_REJECTED, utcnow(), actor=ae,
+                                        peer=address, outcome="rejected",
+                                        detail="limit reached or called AE not recognised"))
+
+    def handle_established(self, event: evt.Event) -> None:
+        """Start per-association statistics and audit the association."""
+        ae, address = self._peer(event)
+        self._stats[id(event.assoc)] = _AssocStats()
+        log.info("association from %s@%s accepted", ae, address)
+        self.recorder.audit(EventRecord(EventKind.ASSOCIATION_OPENED, utcnow(), actor=ae,
+                                        peer=address, outcome="accepted"))
+
+    def _closed(self, event: evt.Event, kind: EventKind) -> None:
+        ae, address = self._peer(event)
+        st = self._stats.pop(id(event.assoc), _AssocStats())
+        seconds = time.monotonic() - st.started
+        detail = (f"stored={st.stored} duplicates={st.duplicates} refused={st.refused} "
+                  f"seconds={seconds:.2f}")
+        log.info("association from %s@%s %s: %s", ae, address,
+                 "released" if kind is EventKind.ASSOCIATION_CLOSED else "aborted", detail)
+        self.recorder.audit(EventRecord(kind, utcnow(), actor=ae, peer=address,
+                                        outcome="released" if kind is EventKind.ASSOCIATION_CLOSED
+                                        else "aborted", detail=detail))
+
+    def handle_released(self, event: evt.Event) -> None:
+        """Audit a normal release with the association's counts."""
+        self._closed(event, EventKind.ASSOCIATION_CLOSED)
+
+    def handle_aborted(self, event: evt.Event) -> None:
+        """Audit an abort (by either side) with the association's counts."""
+        self._closed(event, EventKind.ASSOCIATION_ABORTED)
+
+    def handle_echo(self, event: evt.Event) -> int:
+        """C-ECHO: always success while running."""
+        return STATUS_SUCCESS
+
+    # -- C-STORE -------------------------------------------------------------------------
+
+    def handle_store(self, event: evt.Event) -> int:
+        """C-STORE: store durably, record, then answer; a specific failure status otherwise."""
+        with self._cond:
+            self._inflight += 1
+        try:
+            return self._store(event)
+        finally:
+            with self._cond:
+                self._inflight -= 1
+                self._cond.notify_all()
+
+    def _refuse(self, event: evt.Event, status: int, why: str, sop_uid: str) -> int:
+        ae, address = self._peer(event)
+        stats = self._stats.get(id(event.assoc))
+        if stats:
+            stats.refused += 1
+        log.warning("C-STORE %s from %s@%s refused with 0x%04X: %s", sop_uid, ae, address,
+                    status, why)
+        self.recorder.audit(EventRecord(EventKind.INSTANCE_REFUSED, utcnow(), actor=ae,
+                                        peer=address, outcome=f"0x{status:04X}", detail=why,
+                                        sop_instance_uid=sop_uid[:128]))
+        return status
+
+    def _store(self, event: evt.Event) -> int:
+        req = cast(C_STORE, event.request)
+        rq_class = str(req.AffectedSOPClassUID or "")
+        rq_uid = str(req.AffectedSOPInstanceUID or "")
+        if self.draining:
+            return self._refuse(event, STATUS_SHUTTING_DOWN, "node shutting down", rq_uid)
+        tmp = Path(event.dataset_path)
+        try:
+            ds = read_header(tmp)
+        except InvalidDatasetError as exc:
+            return self._refuse(event, STATUS_CANNOT_PARSE, str(exc), rq_uid)
+
+        sop_class = str(ds.get("SOPClassUID", "") or "")
+        if sop_class and sop_class != rq_class:
+            return self._refuse(event, STATUS_SOP_CLASS_MISMATCH,
+                                f"dataset SOP class {sop_class} != request's {rq_class}", rq_uid)
+        study_uid = str(ds.get("StudyInstanceUID", "") or "").strip()
+        series_uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
+        sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip()
+        if not (study_uid and series_uid and sop_uid):
+            missing = [k for k, v in (("StudyInstanceUID", study_uid),
+                                      ("SeriesInstanceUID", series_uid),
+                                      ("SOPInstanceUID", sop_uid)) if not v]
+            return self._refuse(event, STATUS_MISSING_IDENTIFIERS,
+                                f"missing {', '.join(missing)}", rq_uid)
+        if sop_uid != rq_uid.strip():
+            return self._refuse(event, STATUS_UID_MISMATCH,
+                                f"dataset SOP instance UID {sop_uid!r} != request's", rq_uid)
+
+        relpath = self.spool.relpath_for(study_uid, series_uid, sop_uid)
+        ae, address = self._peer(event)
+        try:
+            self.spool.check_space()
+            size = tmp.stat().st_size
+            self.spool.commit(tmp, relpath)
+        except (SpoolError, OSError) as exc:
+            return self._refuse(event, STATUS_OUT_OF_RESOURCES, str(exc), rq_uid)
+
+        record = instance_record(
+            ds,
+            sop_class_uid=rq_class,
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            file_path=relpath,
+            file_size=size,
+            calling_ae=ae,
+            received_at=utcnow(),
+        )
+        audit = EventRecord(EventKind.INSTANCE_STORED, record.received_at, actor=ae, peer=address,
+                            outcome=record.state.value, detail=record.reason or "",
+                            study_instance_uid=record.study_instance_uid,
+                            series_instance_uid=record.series_instance_uid,
+                            sop_instance_uid=record.sop_instance_uid)
+        try:
+            is_new = self.recorder.record(record, (audit,), timeout=self.config.dicom.dimse_timeout)
+        except DatabaseError as exc:
+            return self._refuse(event, STATUS_DB_UNAVAILABLE, f"not recorded: {exc}", rq_uid)
+
+        stats = self._stats.get(id(event.assoc))
+        if stats:
+            stats.stored += 1
+            stats.duplicates += not is_new
+        log.debug("stored %s (%s)%s", relpath, record.state.value,
+                  "" if is_new else " again (duplicate)")
+        return STATUS_SUCCESS
+
+    # -- shutdown -------------------------------------------------------------------------
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no C-STORE handler is running; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._inflight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+
+def build_ae(config: Config, scp: StorageSCP) -> tuple[AE, list[Any]]:
+    """The pynetdicom AE for ``scp`` and the event handlers to bind."""
+    dicom = config.dicom
+    ae = AE(ae_title=dicom.ae_title)
+    ae.maximum_associations = dicom.max_associations
+    ae.maximum_pdu_size = dicom.max_pdu_size
+    ae.acse_timeout = dicom.acse_timeout
+    ae.dimse_timeout = dicom.dimse_timeout
+    ae.network_timeout = dicom.network_timeout
+    ae.require_called_aet = dicom.require_called_ae
+    ae.add_supported_context(Verification)
+    for abstract, syntaxes in _storage_contexts():
+        ae.add_supported_context(abstract, syntaxes)
+    handlers = [
+        (evt.EVT_REQUESTED, scp.handle_requested),
+        (evt.EVT_REJECTED, scp.handle_rejected),
+        (evt.EVT_ESTABLISHED, scp.handle_established),
+        (evt.EVT_RELEASED, scp.handle_released),
+        (evt.EVT_ABORTED, scp.handle_aborted),
+        (evt.EVT_C_ECHO, scp.handle_echo),
+        (evt.EVT_C_STORE, scp.handle_store),
+    ]
+    return ae, handlers
+
+
+@dataclass
+class RunningSCP:
+    """One receiving process's running server; :meth:`stop` drains it."""
+
+    scp: StorageSCP
+    ae: AE
+    server: ThreadedAssociationServer
+    thread: threading.Thread
+    recorder: Recorder
+    engine: Any
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port."""
+        return int(self.server.server_address[1])
+
+    def stop(self, grace: float) -> None:
+        """Stop listening, let associations finish for ``grace`` s, abort the rest, flush."""
+        self.scp.draining = True
+        self.server.shutdown()  # stops serve_forever and closes the listening socket
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and self.ae.active_associations:
+            time.sleep(0.05)
+        remaining = self.ae.active_associations
+        if remaining:
+            log.warning("aborting %d association(s) still open after %.0f s", len(remaining),
+                        grace)
+            for assoc in remaining:
+                assoc.abort()
+        if not self.scp.wait_idle(timeout=max(30.0, self.config_timeout)):
+            log.error("C-STORE handlers still running at exit")
+        self.recorder.close()
+        self.engine.dispose()
+
+    @property
+    def config_timeout(self) -> float:
+        return self.scp.config.dicom.dimse_timeout
+
+
+def serve_scp(config: Config, *, host: str | None = None, port: int | None = None) -> RunningSCP:
+    """Start one receiving server in this process (non-blocking) and return it.
+
+    Builds the engine, spool and recorder once; points the temporary directory used by
+    pynetdicom's streamed receive at the spool's ``.incoming`` folder so a received file
+    is moved into place by a rename, never copied.
+    """
+    spool = Spool(config.storage.path, fsync=config.storage.fsync,
+                  min_free_bytes=config.storage.min_free_mb * 2**20)
+    spool.prepare()
+    tempfile.tempdir = str(spool.incoming)
+    engine = store.make_engine(config.database.url)
+    factory = store.make_session_factory(engine)
+    recorder = Recorder(partial(store.record_batch, factory))
+    scp = StorageSCP(config, spool, recorder)
+    ae, handlers = build_ae(config, scp)
+    address = (host if host is not None else config.dicom.host,
+               port if port is not None else config.dicom.port)
+    server = ae.make_server(address, evt_handlers=handlers,
+                            ssl_context=server_ssl_context(config),
+                            server_class=ReusePortServer)
+    ae._servers.append(server)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                              name="scp-accept", daemon=True)
+    thread.start()
+    return RunningSCP(scp, ae, server, thread, recorder, engine)
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def _child_main(config: Config, port: int, index: int) -> None:
+    """Entry point of one receiving process: serve until SIGTERM/SIGINT, then drain."""
+    setup_logging(config.logging.level, json_lines=config.logging.json)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    running = serve_scp(config, port=port)
+    log.info("receiver %d (pid %d) listening on %s:%d", index, os.getpid(), config.dicom.host,
+             running.port)
+    stop.wait()
+    log.info("receiver %d stopping", index)
+    running.stop(config.dicom.shutdown_grace)
+    log.info("receiver %d stopped", index)
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (not listen) an SO_REUSEPORT socket: resolves port 0 and holds the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def prepare(config: Config) -> None:
+    """Start-up work done once, before any receiver: schema upgrade and spool check."""
+    store.upgrade(config.database.url)
+    spool = Spool(config.storage.path, fsync=config.storage.fsync)
+    spool.prepare()
+    stale = spool.clear_incoming()
+    if stale:
+        log.info("removed %d unacknowledged partial file(s) from %s", stale, spool.incoming)
+
+
+def run_scp(config: Config, *, on_ready: Callable[[int], None] | None = None) -> int:
+    """Run the SCP until SIGTERM/SIGINT; returns the process exit code (0 on clean stop).
+
+    Parameters
+    ----------
+    config : Config
+        Effective configuration.
+    on_ready : callable, optional
+        Called with the bound port once the receivers have been started.
+    """
+    prepare(config)
+    n = config.dicom.effective_processes
+    holder = _reserve_port(config.dicom.host, config.dicom.port)
+    port = int(holder.getsockname()[1])
+    if n == 1:
+        holder.close()
+        _run_single(config, port, on_ready)
+        return 0
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    ctx = multiprocessing.get_context("spawn")
+    per_process = -(-config.dicom.max_associations // n)
+    child_config = _with_max_associations(config, per_process)
+    procs: list[Any] = []
+    for i in range(n):
+        p = ctx.Process(target=_child_main, args=(child_config, port, i), name=f"scp-{i}")
+        p.start()
+        procs.append(p)
+    log.info("%s listening on %s:%d with %d receiving processes", config.dicom.ae_title,
+             config.dicom.host, port, n)
+    if on_ready:
+        on_ready(port)
+    restarts = 0
+    while not stop.wait(0.5):
+        for i, p in enumerate(procs):
+            if not p.is_alive() and not stop.is_set():
+                restarts += 1
+                log.error("receiver %d exited with %s; restarting (restart #%d)", i, p.exitcode,
+                          restarts)
+                time.sleep(min(5.0, 0.2 * restarts))
+                procs[i] = ctx.Process(target=_child_main, args=(child_config, port, i),
+                                       name=f"scp-{i}")
+                procs[i].start()
+    log.info("stopping %d receiving processes", len(procs))
+    for p in procs:
+        if p.is_alive() and p.pid:
+            os.kill(p.pid, signal.SIGTERM)
+    code = 0
+    for p in procs:
+        p.join(config.dicom.shutdown_grace + 60)
+        if p.is_alive():
+            log.error("receiver pid %s did not stop; killing it", p.pid)
+            p.kill()
+            code = 1
+        elif p.exitcode not in (0, None):
+            code = 1
+    holder.close()
+    log.info("stopped")
+    return code
+
+
+def _with_max_associations(config: Config, value: int) -> Config:
+    from dataclasses import replace
+
+    return replace(config, dicom=replace(config.dicom, max_associations=value))
+
+
+def _run_single(config: Config, port: int, on_ready: Callable[[int], None] | None) -> None:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    running = serve_scp(config, port=port)
+    log.info("%s listening on %s:%d", config.dicom.ae_title, config.dicom.host, running.port)
+    if on_ready:
+        on_ready(running.port)
+    stop.wait()
+    log.info("stopping")
+    running.stop(config.dicom.shutdown_grace)
+    log.info("stopped")

@@ -1,0 +1,174 @@
+"""ORM tables of the node's database: patient, study, series, instance and event.
+
+The schema is created by the Alembic migrations in ``migrations/versions``, never by
+``metadata.create_all``; a test checks both describe the same tables.
+
+Only :mod:`triage_node.store` touches these classes: everything leaving the package is a
+value object from :mod:`triage_node.domain`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+__all__ = [
+    "NAMING_CONVENTION",
+    "UID_LENGTH",
+    "Base",
+    "Event",
+    "Instance",
+    "Patient",
+    "Series",
+    "Study",
+    "UTCDateTime",
+]
+
+#: Longest UID stored. DICOM allows 64 characters; files breaking that rule exist.
+UID_LENGTH = 128
+
+#: Length of columns holding our own vocabularies (domain enum values).
+_STATE_LENGTH = 32
+
+#: Deterministic constraint names, so later migrations can refer to them (also on SQLite).
+NAMING_CONVENTION: dict[str, str] = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """``DateTime(timezone=True)`` that only accepts aware values and returns aware UTC.
+
+    SQLite has no time zone type: values are stored there as naive UTC text, which keeps
+    comparisons correct, and read back as UTC-aware. PostgreSQL stores ``timestamptz``.
+    """
+
+    impl = sa.DateTime
+    cache_ok = True
+
+    def __init__(self) -> None:
+        super().__init__(timezone=True)
+
+    def process_bind_param(self, value: Any | None, dialect: Dialect) -> dt.datetime | None:
+        """Convert an aware datetime to UTC (naive UTC on SQLite); refuse naive ones."""
+        if value is None:
+            return None
+        if not isinstance(value, dt.datetime):
+            raise TypeError(f"expected a datetime, got {type(value).__name__}")
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value.isoformat()} (use an aware UTC time)")
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any | None, dialect: Dialect) -> dt.datetime | None:
+        """Return the stored time as an aware UTC datetime."""
+        if value is None:
+            return None
+        if not isinstance(value, dt.datetime):  # pragma: no cover - driver contract
+            raise TypeError(f"database returned {type(value).__name__} for a datetime")
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base holding the node's metadata."""
+
+    metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Patient(Base):
+    """A patient, by Patient ID (which may be empty: all such studies share one row)."""
+
+    __tablename__ = "patient"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    patient_id: Mapped[str] = mapped_column(sa.String, unique=True)
+    patient_name: Mapped[str] = mapped_column(sa.String, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class Study(Base):
+    """A study, by Study Instance UID."""
+
+    __tablename__ = "study"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(sa.String(UID_LENGTH), unique=True)
+    patient_fk: Mapped[int] = mapped_column(sa.ForeignKey("patient.id"), index=True)
+    accession_number: Mapped[str] = mapped_column(sa.String, default="")
+    study_date: Mapped[str] = mapped_column(sa.String, default="")
+    study_description: Mapped[str] = mapped_column(sa.String, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class Series(Base):
+    """A series, by Series Instance UID, with its triage life cycle state."""
+
+    __tablename__ = "series"
+    __table_args__ = (
+        # "receiving series quiet since X": equality on state, range on last_received_at.
+        sa.Index("ix_series_state_last_received_at", "state", "last_received_at"),
+    )
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(sa.String(UID_LENGTH), unique=True)
+    study_fk: Mapped[int] = mapped_column(sa.ForeignKey("study.id"), index=True)
+    modality: Mapped[str] = mapped_column(sa.String, default="")
+    body_part_examined: Mapped[str] = mapped_column(sa.String, default="")
+    series_description: Mapped[str] = mapped_column(sa.String, default="")
+    series_number: Mapped[int | None] = mapped_column(sa.Integer)
+    state: Mapped[str] = mapped_column(sa.String(_STATE_LENGTH))  # domain.SeriesState
+    reason: Mapped[str | None] = mapped_column(sa.Text)
+    first_received_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    last_received_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+
+class Instance(Base):
+    """A received SOP instance, by SOP Instance UID, and where its file lies in the spool."""
+
+    __tablename__ = "instance"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(sa.String(UID_LENGTH), unique=True)
+    series_fk: Mapped[int] = mapped_column(sa.ForeignKey("series.id"), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(sa.String(UID_LENGTH))
+    transfer_syntax_uid: Mapped[str] = mapped_column(sa.String(UID_LENGTH))
+    instance_number: Mapped[int | None] = mapped_column(sa.Integer)
+    image_type: Mapped[str] = mapped_column(sa.String, default="")
+    image_position: Mapped[str | None] = mapped_column(sa.String)  # "x\y\z"
+    image_orientation: Mapped[str | None] = mapped_column(sa.String)  # 6 values, "\"-joined
+    rows: Mapped[int | None] = mapped_column(sa.Integer)
+    columns: Mapped[int | None] = mapped_column(sa.Integer)
+    file_path: Mapped[str] = mapped_column(sa.String)  # relative to the spool root
+    file_size: Mapped[int] = mapped_column(sa.BigInteger)
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    calling_ae: Mapped[str] = mapped_column(sa.String, default="")
+    state: Mapped[str] = mapped_column(sa.String(_STATE_LENGTH))  # domain.InstanceState
+    reason: Mapped[str | None] = mapped_column(sa.Text)
+
+
+class Event(Base):
+    """One audit event (association opened, instance stored, ...)."""
+
+    __tablename__ = "event"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), index=True)
+    kind: Mapped[str] = mapped_column(sa.String(_STATE_LENGTH))  # domain.EventKind
+    actor: Mapped[str] = mapped_column(sa.String, default="")
+    peer: Mapped[str] = mapped_column(sa.String, default="")
+    outcome: Mapped[str] = mapped_column(sa.String, default="")
+    detail: Mapped[str] = mapped_column(sa.Text, default="")
+    study_instance_uid: Mapped[str | None] = mapped_column(sa.String(UID_LENGTH))
+    series_instance_uid: Mapped[str | None] = mapped_column(sa.String(UID_LENGTH))
+    sop_instance_uid: Mapped[str | None] = mapped_column(sa.String(UID_LENGTH))

@@ -1,0 +1,810 @@
+"""Reading and writing the node's records; domain objects in, domain objects out.
+
+Every function takes the ``sessionmaker`` from :func:`triage_node.store.db.make_session_factory`
+and runs one transaction. ORM objects never leave this module; SQLAlchemy errors leave it as
+:class:`triage_node.errors.DatabaseError`.
+
+Concurrency: several SCP processes record instances of the same series at the same time.
+:func:`record_batch` therefore never relies on "SELECT, then INSERT if missing": every insert
+is ``INSERT ... ON CONFLICT DO NOTHING`` followed by a re-read. On SQLite the engine's
+``BEGIN IMMEDIATE`` serialises writers as a whole. On PostgreSQL a batch first takes a
+transaction-scoped advisory lock per series, in a fixed order, so the bookkeeping of one
+series is serialised; patients and studies, the only rows two batches of different series
+may both insert, are inserted in sorted key order, so writers cannot deadlock. Read-only
+functions open SQLite transactions as ``BEGIN DEFERRED``: they never wait for, or block,
+a writer.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, cast
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from triage_node.domain import (
+    EventKind,
+    EventRecord,
+    InstanceRecord,
+    InstanceState,
+    SeriesState,
+    SeriesSummary,
+    utcnow,
+)
+from triage_node.store.db import SQLITE_BEGIN_OPTION, database_errors
+from triage_node.store.models import UID_LENGTH, Event, Instance, Patient, Series, Study
+
+__all__ = [
+    "count_instances",
+    "get_instance",
+    "list_events",
+    "list_series",
+    "record_batch",
+    "record_events",
+]
+
+_PATIENT = cast(sa.Table, Patient.__table__)
+_STUDY = cast(sa.Table, Study.__table__)
+_SERIES = cast(sa.Table, Series.__table__)
+_INSTANCE = cast(sa.Table, Instance.__table__)
+_EVENT = cast(sa.Table, Event.__table__)
+
+#: Rows per multi-row INSERT: far below SQLite's 32766 and PostgreSQL's 65535 parameters.
+_INSERT_CHUNK = 500
+
+#: First key of the PostgreSQL advisory locks serialising writers of one series (b"tnsr").
+#: Two-key advisory locks never collide with the one-key lock of the migrations.
+_SERIES_LOCK_NAMESPACE = int.from_bytes(b"tnsr", "big")
+
+#: DICOM multi-value separator, used for the stored position and orientation vectors.
+_BACKSLASH = "\\"
+
+_InsertFactory = Callable[[sa.Table], sqlite.Insert | postgresql.Insert]
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+def _engine_of(session_factory: sessionmaker[Session]) -> Engine:
+    """The engine a session factory is bound to (validated)."""
+    if not isinstance(session_factory, sessionmaker):
+        raise TypeError(
+            "session_factory must be a sqlalchemy sessionmaker, "
+            f"not {type(session_factory).__name__}"
+        )
+    bind = session_factory.kw.get("bind")
+    if not isinstance(bind, Engine):
+        raise TypeError("session_factory must be bound to an Engine (see make_session_factory)")
+    return bind
+
+
+@contextmanager
+def _transaction(
+    session_factory: sessionmaker[Session], action: str, *, read_only: bool = False
+) -> Iterator[Session]:
+    """One session and transaction, committed on success; errors become DatabaseError."""
+    engine = _engine_of(session_factory)
+    with database_errors(engine.url, action), session_factory() as session, session.begin():
+        if read_only:
+            # Procure the connection now, so the SQLite "begin" hook sees the option.
+            session.connection(execution_options={SQLITE_BEGIN_OPTION: "DEFERRED"})
+        yield session
+
+
+def _insert_factory(session: Session) -> _InsertFactory:
+    """The dialect's INSERT construct that supports ON CONFLICT."""
+    name = session.get_bind().dialect.name
+    if name == "postgresql":
+        return postgresql.insert
+    if name == "sqlite":
+        return sqlite.insert
+    raise NotImplementedError(f"unsupported database dialect {name!r}")
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    """Consecutive slices of at most ``size`` items."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_aware(value: object, name: str) -> dt.datetime:
+    """Return ``value`` if it is a timezone-aware datetime, else raise naming ``name``."""
+    if not isinstance(value, dt.datetime):
+        raise TypeError(f"{name} must be a datetime, not {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} must be timezone-aware, got naive {value.isoformat()}")
+    return value
+
+
+def _check_uid(value: object, name: str, *, optional: bool = False) -> None:
+    """Raise unless ``value`` is a non-empty UID string that fits the column."""
+    if value is None and optional:
+        return
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+    if not value and not optional:
+        raise ValueError(f"{name} must not be empty")
+    if len(value) > UID_LENGTH:
+        raise ValueError(
+            f"{name} is {len(value)} characters long (at most {UID_LENGTH}): {value!r}"
+        )
+
+
+def _check_limit(limit: object) -> None:
+    """Raise unless ``limit`` is ``None`` or a non-negative int."""
+    if limit is None:
+        return
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise TypeError(f"limit must be an int or None, not {type(limit).__name__}")
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+
+
+def _check_instance(record: object, index: int) -> InstanceRecord:
+    """Validate one element of ``instances``."""
+    where = f"instances[{index}]"
+    if not isinstance(record, InstanceRecord):
+        raise TypeError(f"{where} must be an InstanceRecord, not {type(record).__name__}")
+    for field in ("sop_instance_uid", "study_instance_uid", "series_instance_uid"):
+        _check_uid(getattr(record, field), f"{where}.{field}")
+    _check_aware(record.received_at, f"{where}.received_at")
+    InstanceState(record.state)  # ValueError names the bad value
+    if record.image_position is not None and len(record.image_position) != 3:
+        raise ValueError(f"{where}.image_position must have 3 values")
+    if record.image_orientation is not None and len(record.image_orientation) != 6:
+        raise ValueError(f"{where}.image_orientation must have 6 values")
+    return record
+
+
+def _check_event(record: object, index: int) -> EventRecord:
+    """Validate one element of ``events``."""
+    where = f"events[{index}]"
+    if not isinstance(record, EventRecord):
+        raise TypeError(f"{where} must be an EventRecord, not {type(record).__name__}")
+    _check_aware(record.at, f"{where}.at")
+    EventKind(record.kind)
+    for field in ("study_instance_uid", "series_instance_uid", "sop_instance_uid"):
+        _check_uid(getattr(record, field), f"{where}.{field}", optional=True)
+    return record
+
+
+# --------------------------------------------------------------------------- conversions
+
+
+def _join_vector(values: Sequence[float] | None) -> str | None:
+    """``(1.0, 2.5, -3.0)`` -> ``"1.0\\2.5\\-3.0"`` (repr keeps every float exact)."""
+    if values is None:
+        return None
+    return _BACKSLASH.join(repr(float(v)) for v in values)
+
+
+def _split_vector(text: str | None) -> list[float] | None:
+    """Inverse of :func:`_join_vector`."""
+    if text is None:
+        return None
+    return [float(v) for v in text.split(_BACKSLASH)]
+
+
+def _position(text: str | None) -> tuple[float, float, float] | None:
+    """Stored Image Position (Patient) as a 3-tuple."""
+    values = _split_vector(text)
+    if values is None:
+        return None
+    x, y, z = values
+    return (x, y, z)
+
+
+def _orientation(
+    text: str | None,
+) -> tuple[float, float, float, float, float, float] | None:
+    """Stored Image Orientation (Patient) as a 6-tuple."""
+    values = _split_vector(text)
+    if values is None:
+        return None
+    a, b, c, d, e, f = values
+    return (a, b, c, d, e, f)
+
+
+def _event_row(record: EventRecord) -> dict[str, Any]:
+    """Column values of one event."""
+    return {
+        "at": record.at,
+        "kind": EventKind(record.kind).value,
+        "actor": record.actor,
+        "peer": record.peer,
+        "outcome": record.outcome,
+        "detail": record.detail,
+        "study_instance_uid": record.study_instance_uid,
+        "series_instance_uid": record.series_instance_uid,
+        "sop_instance_uid": record.sop_instance_uid,
+    }
+
+
+def _instance_row(record: InstanceRecord, series_fk: int) -> dict[str, Any]:
+    """Column values of one instance."""
+    return {
+        "sop_instance_uid": record.sop_instance_uid,
+        "series_fk": series_fk,
+        "sop_class_uid": record.sop_class_uid,
+        "transfer_syntax_uid": record.transfer_syntax_uid,
+        "instance_number": record.instance_number,
+        "image_type": record.image_type,
+        "image_position": _join_vector(record.image_position),
+        "image_orientation": _join_vector(record.image_orientation),
+        "rows": record.rows,
+        "columns": record.columns,
+        "file_path": record.file_path,
+        "file_size": record.file_size,
+        "received_at": record.received_at,
+        "calling_ae": record.calling_ae,
+        "state": InstanceState(record.state).value,
+        "reason": record.reason,
+    }
+
+
+# --------------------------------------------------------------------------- series bookkeeping
+
+
+def _initial_series_state(records: Sequence[InstanceRecord]) -> tuple[SeriesState, str | None]:
+    """State of a series created by ``records`` (in arrival order)."""
+    if any(r.state == InstanceState.STORED for r in records):
+        return SeriesState.RECEIVING, None
+    return SeriesState.NOT_TRIAGED, records[0].reason
+
+
+def _next_series_state(
+    state: str, reason: str | None, new_records: Sequence[InstanceRecord]
+) -> tuple[str, str | None]:
+    """State of an existing series after ``new_records`` arrived."""
+    if state == SeriesState.NOT_TRIAGED and any(
+        r.state == InstanceState.STORED for r in new_records
+    ):
+        return SeriesState.RECEIVING.value, None
+    return state, reason
+
+
+def _get_or_create(
+    session: Session,
+    insert: _InsertFactory,
+    table: sa.Table,
+    key: str,
+    rows: dict[str, dict[str, Any]],
+) -> dict[str, int]:
+    """Ids of the rows keyed by ``rows``' keys, inserting the missing ones race-free."""
+    column = table.c[key]
+    keys = sorted(rows)
+    lookup = sa.select(column, table.c.id)
+    found: dict[str, int] = dict(session.execute(lookup.where(column.in_(keys))).all())
+    missing = [k for k in keys if k not in found]
+    if missing:
+        stmt = (
+            insert(table)
+            .values([rows[k] for k in missing])
+            .on_conflict_do_nothing(index_elements=[key])
+            .returning(column, table.c.id)
+        )
+        found.update(session.execute(stmt).all())
+        # Inserted meanwhile by another transaction (now committed: ours waited for it).
+        raced = [k for k in missing if k not in found]
+        if raced:
+            found.update(session.execute(lookup.where(column.in_(raced))).all())
+    return found
+
+
+@dataclass(slots=True)
+class _SeriesRow:
+    """The bookkeeping of one series during a batch, as stored in the database."""
+
+    id: int
+    state: str
+    reason: str | None
+    first: dt.datetime | None
+    last: dt.datetime | None
+
+    def as_tuple(self) -> tuple[str, str | None, dt.datetime | None, dt.datetime | None]:
+        """The values :func:`_update_series` may change."""
+        return (self.state, self.reason, self.first, self.last)
+
+
+def _series_lock_key(series_instance_uid: str) -> int:
+    """32-bit signed advisory lock key of a series (collisions only over-serialise)."""
+    digest = hashlib.blake2b(series_instance_uid.encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _serialise_series(session: Session, uids: Collection[str]) -> None:
+    """On PostgreSQL, lock the series ``uids`` until commit, always in the same order."""
+    if session.get_bind().dialect.name != "postgresql":
+        return  # SQLite: BEGIN IMMEDIATE already excludes every other writer
+    keys = sorted({_series_lock_key(uid) for uid in uids})
+    session.execute(
+        sa.text(
+            "SELECT pg_advisory_xact_lock(:namespace, t.key)"
+            " FROM unnest(CAST(:keys AS integer[])) WITH ORDINALITY AS t(key, n) ORDER BY t.n"
+        ),
+        {"namespace": _SERIES_LOCK_NAMESPACE, "keys": keys},
+    )
+
+
+def _read_series(session: Session, uids: Collection[str]) -> dict[str, _SeriesRow]:
+    """Bookkeeping of the existing series among ``uids``."""
+    s = _SERIES.c
+    stmt = sa.select(
+        s.series_instance_uid,
+        s.id,
+        s.state,
+        s.reason,
+        s.first_received_at,
+        s.last_received_at,
+    ).where(s.series_instance_uid.in_(sorted(uids)))
+    return {
+        row[0]: _SeriesRow(row[1], row[2], row[3], row[4], row[5]) for row in session.execute(stmt)
+    }
+
+
+def _create_series(
+    session: Session,
+    insert: _InsertFactory,
+    by_series: dict[str, list[InstanceRecord]],
+    missing: list[str],
+    now: dt.datetime,
+) -> dict[str, _SeriesRow]:
+    """Create the ``missing`` series (and their studies and patients); return them."""
+    firsts = {uid: by_series[uid][0] for uid in missing}
+    patients = {
+        r.patient_id: {
+            "patient_id": r.patient_id,
+            "patient_name": r.patient_name,
+            "created_at": now,
+        }
+        for r in reversed(firsts.values())
+    }
+    patient_ids = _get_or_create(session, insert, _PATIENT, "patient_id", patients)
+    studies = {
+        r.study_instance_uid: {
+            "study_instance_uid": r.study_instance_uid,
+            "patient_fk": patient_ids[r.patient_id],
+            "accession_number": r.accession_number,
+            "study_date": r.study_date,
+            "study_description": r.study_description,
+            "created_at": now,
+        }
+        for r in reversed(firsts.values())
+    }
+    study_ids = _get_or_create(session, insert, _STUDY, "study_instance_uid", studies)
+
+    created: dict[str, _SeriesRow] = {}
+    values = []
+    for uid in sorted(missing):
+        records = by_series[uid]
+        state, reason = _initial_series_state(records)
+        first = min(r.received_at for r in records)
+        last = max(r.received_at for r in records)
+        head = records[0]
+        values.append(
+            {
+                "series_instance_uid": uid,
+                "study_fk": study_ids[head.study_instance_uid],
+                "modality": head.modality,
+                "body_part_examined": head.body_part_examined,
+                "series_description": head.series_description,
+                "series_number": head.series_number,
+                "state": state.value,
+                "reason": reason,
+                "first_received_at": first,
+                "last_received_at": last,
+            }
+        )
+        created[uid] = _SeriesRow(0, state.value, reason, first, last)
+    stmt = (
+        insert(_SERIES)
+        .values(values)
+        .on_conflict_do_nothing(index_elements=["series_instance_uid"])
+        .returning(_SERIES.c.series_instance_uid, _SERIES.c.id)
+    )
+    inserted: dict[str, int] = dict(session.execute(stmt).all())
+    result = {uid: created[uid] for uid in inserted}
+    for uid, id_ in inserted.items():
+        # Times as the database will return them (UTC), for the later comparison.
+        row = result[uid]
+        row.id = id_
+        row.first = row.first.astimezone(dt.UTC) if row.first else None
+        row.last = row.last.astimezone(dt.UTC) if row.last else None
+    raced = [uid for uid in missing if uid not in inserted]
+    if raced:
+        result.update(_read_series(session, raced))
+    return result
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def record_batch(
+    session_factory: sessionmaker[Session],
+    instances: Sequence[InstanceRecord],
+    events: Sequence[EventRecord] = (),
+) -> list[bool]:
+    """Record received instances (and audit events) in one transaction.
+
+    Patients, studies and series are created on first sight (the first instance's header
+    values win); an instance whose SOP Instance UID is already recorded, in the database or
+    earlier in the same batch, is left as it is. Safe to call from several processes and
+    threads at once, also for the same series or the same instances.
+
+    Series bookkeeping, from the instances actually inserted: ``first_received_at`` and
+    ``last_received_at`` widen to their ``received_at``; a new series is ``RECEIVING`` if any
+    of its instances is ``STORED``, otherwise ``NOT_TRIAGED`` with the first one's reason; a
+    ``NOT_TRIAGED`` series that receives a ``STORED`` instance becomes ``RECEIVING`` with no
+    reason. Other states are left to the pipeline.
+
+    Parameters
+    ----------
+    session_factory : sqlalchemy.orm.sessionmaker
+        From :func:`triage_node.store.db.make_session_factory`.
+    instances : sequence of InstanceRecord
+        The instances to record, timezone-aware ``received_at``.
+    events : sequence of EventRecord, optional
+        Audit events committed in the same transaction.
+
+    Returns
+    -------
+    list of bool
+        One per element of ``instances``: ``True`` if it was recorded now, ``False`` if its
+        SOP Instance UID was already recorded (a re-send).
+
+    Raises
+    ------
+    TypeError, ValueError
+        For a malformed record (naive datetime, empty or over-long UID, bad state), before
+        anything is written.
+    DatabaseError
+        If the database is unreachable or refuses the write; nothing is recorded then.
+    """
+    checked = [_check_instance(r, i) for i, r in enumerate(instances)]
+    checked_events = [_check_event(e, i) for i, e in enumerate(events)]
+    if not checked and not checked_events:
+        return []
+
+    first_index: dict[str, int] = {}
+    for i, r in enumerate(checked):
+        first_index.setdefault(r.sop_instance_uid, i)
+    unique = [checked[i] for i in sorted(first_index.values())]
+    by_series: dict[str, list[InstanceRecord]] = {}
+    for r in unique:
+        by_series.setdefault(r.series_instance_uid, []).append(r)
+
+    new_uids: set[str] = set()
+    action = f"record {len(checked)} instance(s) and {len(checked_events)} event(s)"
+    with _transaction(session_factory, action) as session:
+        if by_series:
+            insert = _insert_factory(session)
+            _serialise_series(session, by_series)
+            series = _read_series(session, by_series)
+            missing = [uid for uid in by_series if uid not in series]
+            if missing:
+                series.update(_create_series(session, insert, by_series, missing, utcnow()))
+
+            rows = [
+                _instance_row(r, series[r.series_instance_uid].id)
+                for r in sorted(unique, key=lambda r: r.sop_instance_uid)
+            ]
+            for chunk in _chunks(rows, _INSERT_CHUNK):
+                stmt = (
+                    insert(_INSTANCE)
+                    .values(list(chunk))
+                    .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+                    .returning(_INSTANCE.c.sop_instance_uid)
+                )
+                new_uids.update(session.execute(stmt).scalars())
+
+            for uid in sorted(by_series):
+                _update_series(
+                    session,
+                    series[uid],
+                    [r for r in by_series[uid] if r.sop_instance_uid in new_uids],
+                )
+        if checked_events:
+            session.execute(sa.insert(_EVENT), [_event_row(e) for e in checked_events])
+
+    return [
+        r.sop_instance_uid in new_uids and first_index[r.sop_instance_uid] == i
+        for i, r in enumerate(checked)
+    ]
+
+
+def _update_series(session: Session, row: _SeriesRow, new_records: list[InstanceRecord]) -> None:
+    """Fold newly inserted instances into a series' state and time range."""
+    if not new_records:
+        return
+    before = row.as_tuple()
+    row.state, row.reason = _next_series_state(row.state, row.reason, new_records)
+    first = min(r.received_at for r in new_records).astimezone(dt.UTC)
+    last = max(r.received_at for r in new_records).astimezone(dt.UTC)
+    row.first = first if row.first is None else min(row.first, first)
+    row.last = last if row.last is None else max(row.last, last)
+    if row.as_tuple() == before:
+        return
+    session.execute(
+        sa.update(_SERIES)
+        .where(_SERIES.c.id == row.id)
+        .values(
+            state=row.state,
+            reason=row.reason,
+            first_received_at=row.first,
+            last_received_at=row.last,
+        )
+    )
+
+
+def record_events(session_factory: sessionmaker[Session], events: Sequence[EventRecord]) -> None:
+    """Record audit events in one transaction.
+
+    Parameters
+    ----------
+    session_factory : sqlalchemy.orm.sessionmaker
+        From :func:`triage_node.store.db.make_session_factory`.
+    events : sequence of EventRecord
+        Events with timezone-aware ``at``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For a malformed event, before anything is written.
+    DatabaseError
+        If the database is unreachable or refuses the write.
+    """
+    checked = [_check_event(e, i) for i, e in enumerate(events)]
+    if not checked:
+        return
+    with _transaction(session_factory, f"record {len(checked)} event(s)") as session:
+        session.execute(sa.insert(_EVENT), [_event_row(e) for e in checked])
+
+
+def list_series(
+    session_factory: sessionmaker[Session], *, limit: int | None = None
+) -> list[SeriesSummary]:
+    """Series, most recently received first, with their instance counts.
+
+    Parameters
+    ----------
+    session_factory : sqlalchemy.orm.sessionmaker
+        From :func:`triage_node.store.db.make_session_factory`.
+    limit : int, optional
+        At most this many series; all when ``None``.
+
+    Returns
+    -------
+    list of SeriesSummary
+        Ordered by ``last_received_at`` descending (series never received last), with
+        timezone-aware UTC datetimes.
+
+    Raises
+    ------
+    DatabaseError
+        If the database is unreachable.
+    """
+    _check_limit(limit)
+    s, st, p, i = _SERIES.c, _STUDY.c, _PATIENT.c, _INSTANCE.c
+    instance_count = (
+        sa.select(sa.func.count())
+        .where(i.series_fk == s.id)
+        .scalar_subquery()
+        .label("instance_count")
+    )
+    stmt = (
+        sa.select(
+            s.series_instance_uid,
+            st.study_instance_uid,
+            p.patient_id,
+            st.accession_number,
+            s.modality,
+            s.series_description,
+            instance_count,
+            s.state,
+            s.reason,
+            s.first_received_at,
+            s.last_received_at,
+        )
+        .select_from(
+            _SERIES.join(_STUDY, st.id == s.study_fk).join(_PATIENT, p.id == st.patient_fk)
+        )
+        .order_by(s.last_received_at.desc().nulls_last(), s.id.desc())
+        .limit(limit)
+    )
+    with _transaction(session_factory, "list series", read_only=True) as session:
+        rows = session.execute(stmt).all()
+    return [
+        SeriesSummary(
+            series_instance_uid=row.series_instance_uid,
+            study_instance_uid=row.study_instance_uid,
+            patient_id=row.patient_id,
+            accession_number=row.accession_number,
+            modality=row.modality,
+            series_description=row.series_description,
+            instance_count=int(row.instance_count),
+            state=SeriesState(row.state),
+            reason=row.reason,
+            first_received_at=row.first_received_at,
+            last_received_at=row.last_received_at,
+        )
+        for row in rows
+    ]
+
+
+def get_instance(
+    session_factory: sessionmaker[Session], sop_instance_uid: str
+) -> InstanceRecord | None:
+    """The recorded instance with this SOP Instance UID.
+
+    Parameters
+    ----------
+    session_factory : sqlalchemy.orm.sessionmaker
+        From :func:`triage_node.store.db.make_session_factory`.
+    sop_instance_uid : str
+        The UID to look up.
+
+    Returns
+    -------
+    InstanceRecord or None
+        The record, with its patient, study and series attributes as stored (the first
+        instance's values) and ``received_at`` in UTC; ``None`` if not recorded.
+
+    Raises
+    ------
+    DatabaseError
+        If the database is unreachable.
+    """
+    _check_uid(sop_instance_uid, "sop_instance_uid")
+    s, st, p, i = _SERIES.c, _STUDY.c, _PATIENT.c, _INSTANCE.c
+    stmt = (
+        sa.select(
+            _INSTANCE,
+            s.series_instance_uid,
+            s.modality,
+            s.body_part_examined,
+            s.series_description,
+            s.series_number,
+            st.study_instance_uid,
+            st.accession_number,
+            st.study_date,
+            st.study_description,
+            p.patient_id,
+            p.patient_name,
+        )
+        .select_from(
+            _INSTANCE.join(_SERIES, s.id == i.series_fk)
+            .join(_STUDY, st.id == s.study_fk)
+            .join(_PATIENT, p.id == st.patient_fk)
+        )
+        .where(i.sop_instance_uid == sop_instance_uid)
+    )
+    with _transaction(session_factory, "read an instance", read_only=True) as session:
+        row = session.execute(stmt).one_or_none()
+    if row is None:
+        return None
+    return InstanceRecord(
+        sop_instance_uid=row.sop_instance_uid,
+        sop_class_uid=row.sop_class_uid,
+        study_instance_uid=row.study_instance_uid,
+        series_instance_uid=row.series_instance_uid,
+        patient_id=row.patient_id,
+        transfer_syntax_uid=row.transfer_syntax_uid,
+        file_path=row.file_path,
+        file_size=row.file_size,
+        received_at=row.received_at,
+        calling_ae=row.calling_ae,
+        state=InstanceState(row.state),
+        reason=row.reason,
+        patient_name=row.patient_name,
+        accession_number=row.accession_number,
+        study_date=row.study_date,
+        study_description=row.study_description,
+        modality=row.modality,
+        body_part_examined=row.body_part_examined,
+        series_description=row.series_description,
+        series_number=row.series_number,
+        image_type=row.image_type,
+        instance_number=row.instance_number,
+        image_position=_position(row.image_position),
+        image_orientation=_orientation(row.image_orientation),
+        rows=row.rows,
+        columns=row.columns,
+    )
+
+
+def list_events(
+    session_factory: sessionmaker[Session],
+    *,
+    since: dt.datetime | None = None,
+    kinds: Iterable[EventKind] | None = None,
+    limit: int | None = None,
+) -> list[EventRecord]:
+    """Audit events in time order.
+
+    Parameters
+    ----------
+    session_factory : sqlalchemy.orm.sessionmaker
+        From :func:`triage_node.store.db.make_session_factory`.
+    since : datetime, optional
+        Only events at or after this timezone-aware time.
+    kinds : iterable of EventKind, optional
+        Only events of these kinds (none at all for an empty iterable); all when ``None``.
+    limit : int, optional
+        At most this many (the oldest matching ones); all when ``None``.
+
+    Returns
+    -------
+    list of EventRecord
+        Oldest first (ties in recording order), ``at`` in UTC.
+
+    Raises
+    ------
+    DatabaseError
+        If the database is unreachable.
+    """
+    _check_limit(limit)
+    e = _EVENT.c
+    stmt = sa.select(_EVENT).order_by(e.at, e.id).limit(limit)
+    if since is not None:
+        stmt = stmt.where(e.at >= _check_aware(since, "since"))
+    if kinds is not None:
+        if isinstance(kinds, str):
+            raise TypeError("kinds must be an iterable of EventKind, not a single str")
+        stmt = stmt.where(e.kind.in_(sorted({EventKind(k).value for k in kinds})))
+    with _transaction(session_factory, "list events", read_only=True) as session:
+        rows = session.execute(stmt).all()
+    return [
+        EventRecord(
+            kind=EventKind(row.kind),
+            at=row.at,
+            actor=row.actor,
+            peer=row.peer,
+            outcome=row.outcome,
+            detail=row.detail,
+            study_instance_uid=row.study_instance_uid,
+            series_instance_uid=row.series_instance_uid,
+            sop_instance_uid=row.sop_instance_uid,
+        )
+        for row in rows
+    ]
+
+
+def count_instances(
+    session_factory: sessionmaker[Session], series_instance_uid: str | None = None
+) -> int:
+    """Number of recorded instances, in all series or in one.
+
+    Parameters
+    ----------
+    session_factory : sqlalchemy.orm.sessionmaker
+        From :func:`triage_node.store.db.make_session_factory`.
+    series_instance_uid : str, optional
+        Count only this series' instances (0 for an unknown series).
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    DatabaseError
+        If the database is unreachable.
+    """
+    _check_uid(series_instance_uid, "series_instance_uid", optional=True)
+    stmt = sa.select(sa.func.count()).select_from(_INSTANCE)
+    if series_instance_uid is not None:
+        stmt = stmt.join(_SERIES, _SERIES.c.id == _INSTANCE.c.series_fk).where(
+            _SERIES.c.series_instance_uid == series_instance_uid
+        )
+    with _transaction(session_factory, "count instances", read_only=True) as session:
+        return int(session.execute(stmt).scalar_one())
