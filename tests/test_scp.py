@@ -418,3 +418,53 @@ def test_sigterm_mid_transfer_loses_nothing_acknowledged(tmp_path: Path, process
         assert same_dataset(dcmread(node.spool / rec.file_path), ds)
     engine.dispose()
     shutil.rmtree(tmp_path / "in")
+
+
+def _pg_admin(url: str):  # noqa: ANN202 - test helper
+    import sqlalchemy as sa
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    base = make_url(url).set(database="postgres")
+    return sa.create_engine(base, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+
+
+@pytest.mark.postgres
+def test_series_into_postgresql_with_two_receivers(tmp_path: Path, postgres_url: str) -> None:
+    sent = make_ct_series(tmp_path / "in", 40, rows=128, cols=128)
+    with running_node(tmp_path, database_url=postgres_url, processes=2) as node:
+        out = storescu(node.port, sent)
+        assert out.stderr.count("(Success)") == 40, out.stderr[-2000:]
+        sessions = db(node)
+        assert store.count_instances(sessions) == 40
+        assert store.list_series(sessions)[0].instance_count == 40
+        assert node.stop() == 0
+
+
+@pytest.mark.postgres
+def test_database_unreachable_refuses_then_recovers(tmp_path: Path, postgres_url: str) -> None:
+    """Database down: 0xA701 (never success for what is not recorded); back up: success."""
+    from sqlalchemy.engine import make_url
+
+    first = make_instance(tmp_path / "a.dcm")
+    second = make_instance(tmp_path / "b.dcm")
+    name = make_url(postgres_url).database
+    admin = _pg_admin(postgres_url)
+    with running_node(tmp_path, database_url=postgres_url) as node:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            conn.exec_driver_sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                 f"WHERE datname = '{name}'")
+        try:
+            out = storescu(node.port, [first])
+            assert "Store Response (Success)" not in out.stderr, out.stderr
+            assert "Refused: OutOfResources" in out.stderr, out.stderr
+            assert "refused with 0xA701" in node.log_text()
+        finally:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        out = storescu(node.port, [first, second])
+        assert out.stderr.count("(Success)") == 2, out.stderr
+        assert store.count_instances(db(node)) == 2
+        assert node.stop() == 0
+    admin.dispose()

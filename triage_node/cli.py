@@ -123,7 +123,11 @@ def _cmd_send(args: argparse.Namespace) -> int:
     from triage_node import scu
 
     host, port = args.to
-    files = scu.collect_files(args.paths)
+    try:
+        files = scu.collect_files(args.paths)
+    except ValueError as exc:  # a path that does not exist
+        print(f"triage-node: {exc}", file=sys.stderr)
+        return 2
     if not files:
         print("no DICOM files found", file=sys.stderr)
         return 2

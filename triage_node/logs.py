@@ -50,6 +50,7 @@ def setup_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
     root.setLevel(level)
     # pynetdicom logs every PDU at DEBUG and each association at INFO: keep ours readable.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))
 
 
 def redact_url(url: str) -> str:

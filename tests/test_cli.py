@@ -1,0 +1,103 @@
+"""The command line, run as a real subprocess where it talks to the network."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dicomfiles import make_ct_series
+from nodeproc import DCMTK, running_node
+
+CLI = [sys.executable, "-m", "triage_node.cli"]
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_help_lists_commands() -> None:
+    out = run("--help")
+    assert out.returncode == 0
+    for cmd in ("serve", "scp", "db", "send", "echo", "series", "config"):
+        assert cmd in out.stdout
+    for cmd in ("scp", "serve", "send", "echo", "series"):
+        sub = run(cmd, "--help")
+        assert sub.returncode == 0 and "--config" in sub.stdout
+
+
+def test_config_error_exits_2_naming_key(tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text("[dicom]\nport = -1\n")
+    out = run("config", "--config", str(tmp_path / "c.toml"))
+    assert out.returncode == 2
+    assert "dicom.port = -1" in out.stderr
+
+
+def test_config_shows_effective_values_without_secrets(tmp_path: Path) -> None:
+    import os
+
+    env = {**os.environ, "TRIAGE_NODE_DATABASE_URL": "postgresql+psycopg://u:hunter2@h/db",
+           "TRIAGE_NODE_DATA_DIR": str(tmp_path)}
+    out = run("config", env=env)
+    assert out.returncode == 0
+    shown = json.loads(out.stdout)
+    assert shown["database"]["url"] == "postgresql+psycopg://u:***@h/db"
+    assert "hunter2" not in out.stdout
+    assert shown["dicom"]["ae_title"] == "ICHTRIAGE"
+
+
+def test_db_upgrade_is_idempotent(tmp_path: Path) -> None:
+    import os
+
+    env = {**os.environ, "TRIAGE_NODE_DATA_DIR": str(tmp_path)}
+    for _ in range(2):
+        out = run("db", "upgrade", env=env)
+        assert out.returncode == 0, out.stderr
+        assert "at revision" in out.stdout
+    assert (tmp_path / "triage-node.db").is_file()
+    cur = run("db", "current", env=env)
+    assert cur.stdout.strip() and cur.stdout.strip() != "(empty)"
+
+
+@pytest.mark.skipif(not (DCMTK / "storescu").exists(), reason="dcmtk not installed")
+def test_send_echo_series_round_trip(tmp_path: Path) -> None:
+    files = make_ct_series(tmp_path / "in", 6, rows=64, cols=64)
+    (tmp_path / "in" / "notes.txt").write_text("not dicom")
+    with running_node(tmp_path) as node:
+        to = f"127.0.0.1:{node.port}"
+        echo = run("echo", to)
+        assert echo.returncode == 0 and "success" in echo.stdout, echo.stderr
+        sent = run("send", str(tmp_path / "in"), "--to", to, "--calling-ae", "CLITEST")
+        assert sent.returncode == 0, sent.stderr
+        assert "sent 6 of 6" in sent.stdout
+        listing = run("series", "--json", "--config", str(node.config))
+        rows = json.loads(listing.stdout)
+        assert len(rows) == 1 and rows[0]["instance_count"] == len(files)
+        table = run("series", "--config", str(node.config))
+        assert "PHANTOM-1" in table.stdout and "receiving" in table.stdout
+        assert "PHANTOM^" not in table.stdout, "no patient names in listings"
+
+
+def test_echo_to_closed_port_fails_cleanly() -> None:
+    from nodeproc import free_port
+
+    out = run("echo", f"127.0.0.1:{free_port()}")
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr and out.stderr.strip()
+
+
+def test_send_missing_path_fails_cleanly(tmp_path: Path) -> None:
+    out = run("send", str(tmp_path / "nope"), "--to", "127.0.0.1:1")
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr and "nope" in out.stderr
+
+
+def test_receiving_side_never_imports_torch() -> None:
+    """The SCP must start fast and stay small: importing it must not pull in torch/monai."""
+    code = ("import sys, triage_node.scp, triage_node.cli, triage_node.scu, triage_node.store; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'monai')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

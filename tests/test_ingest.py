@@ -1,0 +1,129 @@
+"""Header parse, triage eligibility and the group-commit recorder (no network)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from dicomfiles import make_instance
+from triage_node.domain import EventKind, EventRecord, InstanceRecord, InstanceState, utcnow
+from triage_node.errors import DatabaseError, InvalidDatasetError
+from triage_node.ingest import Recorder, instance_record, read_header, triage_eligibility
+
+
+def _record(path: Path) -> InstanceRecord:
+    ds = read_header(path)
+    return instance_record(ds, sop_class_uid=str(ds.SOPClassUID),
+                           transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+                           file_path="x.dcm", file_size=path.stat().st_size, calling_ae="CT1",
+                           received_at=utcnow())
+
+
+def test_header_only_and_fields(tmp_path: Path) -> None:
+    f = make_instance(tmp_path / "ct.dcm", rows=32, cols=48, InstanceNumber=7,
+                      PatientID="P\x00-1")
+    ds = read_header(f)
+    assert "PixelData" not in ds
+    rec = _record(f)
+    assert rec.state is InstanceState.STORED and rec.reason is None
+    assert rec.rows == 32 and rec.columns == 48 and rec.instance_number == 7
+    assert rec.patient_id == "P-1", "NULs are stripped (PostgreSQL refuses them)"
+    assert rec.image_position is not None and len(rec.image_position) == 3
+    assert rec.image_orientation is not None and len(rec.image_orientation) == 6
+    assert rec.modality == "CT" and "AXIAL" in rec.image_type
+
+
+@pytest.mark.parametrize(
+    ("kind", "overrides", "reason"),
+    [
+        ("localizer", {}, "localizer"),
+        ("sc", {}, "not a CT image"),
+        ("mr", {}, "not a CT image"),
+        ("ct", {"Modality": "PT"}, "modality PT is not CT"),
+        ("ct", {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.2.1"}, "enhanced"),
+    ],
+)
+def test_not_for_triage_reasons(tmp_path: Path, kind: str, overrides: dict[str, str],
+                                reason: str) -> None:
+    f = make_instance(tmp_path / "x.dcm", kind=kind, **overrides)  # type: ignore[arg-type]
+    ds = read_header(f)
+    state, why = triage_eligibility(ds, str(ds.SOPClassUID))
+    assert state is InstanceState.NOT_FOR_TRIAGE
+    assert why is not None and reason in why
+
+
+def test_malformed_values_do_not_refuse(tmp_path: Path) -> None:
+    f = make_instance(tmp_path / "x.dcm", InstanceNumber=None, ImagePositionPatient=[1, 2])
+    rec = _record(f)
+    assert rec.instance_number is None and rec.image_position is None
+
+
+def test_not_dicom_is_invalid(tmp_path: Path) -> None:
+    (tmp_path / "x.dcm").write_bytes(b"hello")
+    with pytest.raises(InvalidDatasetError):
+        read_header(tmp_path / "x.dcm")
+
+
+class _Writer:
+    """Records the batches it is given; optionally slow or failing."""
+
+    def __init__(self, delay: float = 0.0, fail: bool = False) -> None:
+        self.batches: list[tuple[int, int]] = []
+        self.delay = delay
+        self.fail = fail
+
+    def __call__(self, instances: Sequence[InstanceRecord],
+                 events: Sequence[EventRecord]) -> list[bool]:
+        time.sleep(self.delay)
+        if self.fail:
+            raise DatabaseError("database is down")
+        self.batches.append((len(instances), len(events)))
+        return [i % 2 == 0 for i in range(len(instances))]
+
+
+def test_recorder_group_commits_concurrent_submissions(tmp_path: Path) -> None:
+    rec = _record(make_instance(tmp_path / "a.dcm"))
+    writer = _Writer(delay=0.05)
+    recorder = Recorder(writer)
+    results: list[bool] = []
+    threads = [threading.Thread(target=lambda: results.append(recorder.record(rec)))
+               for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    recorder.close()
+    assert len(results) == 20
+    assert sum(n for n, _ in writer.batches) == 20
+    assert len(writer.batches) < 20, "concurrent records share transactions"
+
+
+def test_recorder_failure_reaches_every_waiter(tmp_path: Path) -> None:
+    rec = _record(make_instance(tmp_path / "a.dcm"))
+    recorder = Recorder(_Writer(fail=True))
+    with pytest.raises(DatabaseError, match="down"):
+        recorder.record(rec)
+    recorder.audit(EventRecord(EventKind.ASSOCIATION_OPENED, utcnow()))
+    recorder.close()
+    with pytest.raises(DatabaseError, match="closed"):
+        recorder.record(rec)
+
+
+def test_recorder_times_out(tmp_path: Path) -> None:
+    rec = _record(make_instance(tmp_path / "a.dcm"))
+    recorder = Recorder(_Writer(delay=1.0))
+    with pytest.raises(DatabaseError, match="did not complete"):
+        recorder.record(rec, timeout=0.05)
+    recorder.close()
+
+
+def test_audit_events_ride_along(tmp_path: Path) -> None:
+    writer = _Writer()
+    recorder = Recorder(writer)
+    recorder.audit(EventRecord(EventKind.ASSOCIATION_OPENED, utcnow()))
+    recorder.close()
+    assert writer.batches == [(0, 1)]
