@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from dicomfiles import make_ct_series
 from nodeproc import DCMTK, running_node
 

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-
 from dicomfiles import make_instance
+
 from triage_node.domain import EventKind, EventRecord, InstanceRecord, InstanceState, utcnow
 from triage_node.errors import DatabaseError, InvalidDatasetError
 from triage_node.ingest import Recorder, instance_record, read_header, triage_eligibility

@@ -420,7 +420,7 @@ def test_sigterm_mid_transfer_loses_nothing_acknowledged(tmp_path: Path, process
     shutil.rmtree(tmp_path / "in")
 
 
-def _pg_admin(url: str):  # noqa: ANN202 - test helper
+def _pg_admin(url: str):
     import sqlalchemy as sa
     from sqlalchemy.engine import make_url
     from sqlalchemy.pool import NullPool

@@ -39,10 +39,10 @@ from typing import Any, cast
 
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.association import Association
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from triage_node import store
