@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
@@ -68,7 +70,8 @@ def postgres_url() -> Iterator[str]:
             conn.exec_driver_sql(f"CREATE DATABASE {quoted}")
     except sa.exc.OperationalError as exc:
         admin.dispose()
-        reason = f"PostgreSQL at {redact_url(base)} is unreachable: {exc.orig}".strip()
+        detail = " ".join(str(exc.orig).split())
+        reason = f"PostgreSQL at {redact_url(base)} is unreachable: {detail}"
         _pg_unavailable.append(reason)
         _postgres_unavailable(reason)
     try:
@@ -105,3 +108,32 @@ def session_factory(database_url: str) -> Iterator[sessionmaker[Session]]:
         yield make_session_factory(engine)
     finally:
         engine.dispose()
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key (made with openssl)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subject = ["-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"]
+    outputs = ["-keyout", str(key), "-out", str(cert)]
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            *subject,
+            *outputs,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key

@@ -468,3 +468,16 @@ def test_database_unreachable_refuses_then_recovers(tmp_path: Path, postgres_url
         assert store.count_instances(db(node)) == 2
         assert node.stop() == 0
     admin.dispose()
+
+
+def test_tls_storage(tmp_path: Path, tls_files: tuple[Path, Path]) -> None:
+    """[dicom.tls]: dcmtk storescu over TLS stores; a plain-TCP caller gets nothing."""
+    cert, key = tls_files
+    sent = make_ct_series(tmp_path / "in", 3, rows=32, cols=32)
+    extra = f'[dicom.tls]\ncert = "{cert}"\nkey = "{key}"\n'
+    with running_node(tmp_path, extra=extra) as node:
+        out = storescu(node.port, sent, extra=("+tla", "+cf", str(cert)))
+        assert out.stderr.count("(Success)") == 3, out.stderr
+        plain = storescu(node.port, sent[:1])
+        assert "(Success)" not in plain.stderr
+        assert store.count_instances(db(node)) == 3

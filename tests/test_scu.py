@@ -359,35 +359,6 @@ def test_arguments_are_validated(kwargs: dict[str, Any], error: type, argument: 
         scu.send([], **call)
 
 
-@pytest.fixture
-def tls_files(tmp_path: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and its key (made with openssl)."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl is needed to make a test certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subject = ["-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"]
-    outputs = ["-keyout", str(key), "-out", str(cert)]
-    subprocess.run(
-        [
-            openssl,
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            *subject,
-            *outputs,
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return cert, key
-
-
 def test_echo_and_send_over_tls(
     pynetdicom_scp: Callable[..., int], tls_files: tuple[Path, Path], tmp_path: Path
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import multiprocessing
+import os
 import random
 import socket
 import sqlite3
@@ -327,6 +328,20 @@ def test_sqlite_directory_that_cannot_be_created(tmp_path: Path) -> None:
         assert isinstance(raised.value.__cause__, OSError)
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_sqlite_in_read_only_directory(tmp_path: Path) -> None:
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    try:
+        with pytest.raises(DatabaseError, match="cannot create the directory"):
+            make_engine(f"sqlite:///{read_only}/sub/triage-node.db")
+        with pytest.raises(DatabaseError, match="unable to open database file"):
+            upgrade(f"sqlite:///{read_only}/triage-node.db")
+    finally:
+        read_only.chmod(0o700)
+
+
 def test_sqlite_file_that_cannot_be_opened(tmp_path: Path) -> None:
     # The database path is an existing directory: sqlite cannot open it, even as root.
     (tmp_path / "triage-node.db").mkdir()
@@ -336,7 +351,14 @@ def test_sqlite_file_that_cannot_be_opened(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "url",
-    ["mysql://user:pw@host/db", "not a url", "oracle+cx_oracle://scott:tiger@host"],
+    [
+        "mysql://user:pw@host/db",
+        "not a url",
+        "oracle+cx_oracle://scott:tiger@host",
+        "postgresql+asyncpg://user:pw@host/db",
+        "postgresql+pg8000://user:pw@host/db",
+        "sqlite+pysqlcipher://:pw@/x.db",
+    ],
 )
 def test_unsupported_or_invalid_urls(url: str) -> None:
     with pytest.raises(DatabaseError) as raised:

@@ -69,7 +69,12 @@ SQLITE_BEGIN_OPTION = "triage_node_sqlite_begin"
 #: Alembic keeps its running environment in module globals: one upgrade per process at a time.
 _ALEMBIC_LOCK = threading.Lock()
 
-_SUPPORTED_BACKENDS = frozenset({"sqlite", "postgresql"})
+#: Backends and the drivers the store is written (and tested) for.
+_SUPPORTED_DRIVERS: dict[str, frozenset[str]] = {
+    "sqlite": frozenset({"pysqlite"}),
+    "postgresql": frozenset({"psycopg"}),
+}
+_URL_HINT = "use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
 _SECRET_QUERY_KEYS = frozenset({"password", "passwd", "pwd", "sslpassword"})
 _REDACTED = "***"
 _SECRET_QUERY_RE = re.compile(
@@ -178,12 +183,26 @@ def _parse(url: str | URL) -> URL:
         parsed = make_url(url)
     except (exc.ArgumentError, ValueError) as error:
         raise DatabaseError(f"invalid database URL {redact_url(url)}: {error}") from error
-    if parsed.get_backend_name() not in _SUPPORTED_BACKENDS:
-        raise DatabaseError(
-            f"unsupported database URL {redact_url(parsed)}: "
-            "use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
-        )
+    if parsed.get_backend_name() not in _SUPPORTED_DRIVERS:
+        raise DatabaseError(f"unsupported database URL {redact_url(parsed)}: {_URL_HINT}")
     return parsed
+
+
+def _create_engine(url: URL, **kwargs: Any) -> Engine:
+    """``sqlalchemy.create_engine`` refusing drivers other than pysqlite and psycopg."""
+    try:
+        engine = sa.create_engine(url, **kwargs)
+    except ImportError as error:
+        raise DatabaseError(
+            f"unsupported database URL {redact_url(url)}: {error}; {_URL_HINT}"
+        ) from error
+    if engine.dialect.driver not in _SUPPORTED_DRIVERS[engine.dialect.name]:
+        engine.dispose()
+        raise DatabaseError(
+            f"unsupported database driver {engine.dialect.driver!r} in {redact_url(url)}: "
+            f"{_URL_HINT}"
+        )
+    return engine
 
 
 def _sqlite_file(url: URL) -> Path | None:
@@ -259,6 +278,7 @@ def make_engine(url: str) -> Engine:
     parsed = _parse(url)
     with database_errors(parsed, "create the engine"):
         if parsed.get_backend_name() == "sqlite":
+            engine = _create_engine(parsed)
             path = _sqlite_file(parsed)
             if path is not None:
                 try:
@@ -268,14 +288,13 @@ def make_engine(url: str) -> Engine:
                         f"cannot create the directory of database {redact_url(parsed)}: "
                         f"{error.strerror or error}"
                     ) from error
-            engine = sa.create_engine(parsed)
             event.listen(engine, "connect", _on_sqlite_connect)
             event.listen(engine, "begin", _on_sqlite_begin)
             return engine
         connect_args: dict[str, Any] = {}
         if "connect_timeout" not in parsed.query:
             connect_args["connect_timeout"] = POSTGRES_CONNECT_TIMEOUT_S
-        return sa.create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
+        return _create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

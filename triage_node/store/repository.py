@@ -56,8 +56,9 @@ _SERIES = cast(sa.Table, Series.__table__)
 _INSTANCE = cast(sa.Table, Instance.__table__)
 _EVENT = cast(sa.Table, Event.__table__)
 
-#: Rows per multi-row INSERT: far below SQLite's 32766 and PostgreSQL's 65535 parameters.
-_INSERT_CHUNK = 500
+# Multi-row INSERTs below are executemany() calls: SQLAlchemy's "insertmanyvalues" turns
+# them into multi-VALUES statements (RETURNING included) that are compiled once and cached,
+# paged under the drivers' parameter limits; .values([...]) would be recompiled every time.
 
 #: First key of the PostgreSQL advisory locks serialising writers of one series (b"tnsr").
 #: Two-key advisory locks never collide with the one-key lock of the migrations.
@@ -106,12 +107,6 @@ def _insert_factory(session: Session) -> _InsertFactory:
     if name == "sqlite":
         return sqlite.insert
     raise NotImplementedError(f"unsupported database dialect {name!r}")
-
-
-def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    """Consecutive slices of at most ``size`` items."""
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 # --------------------------------------------------------------------------- validation
@@ -288,12 +283,9 @@ def _get_or_create(
     missing = [k for k in keys if k not in found]
     if missing:
         stmt = (
-            insert(table)
-            .values([rows[k] for k in missing])
-            .on_conflict_do_nothing(index_elements=[key])
-            .returning(column, table.c.id)
+            insert(table).on_conflict_do_nothing(index_elements=[key]).returning(column, table.c.id)
         )
-        found.update(session.execute(stmt).all())
+        found.update(session.execute(stmt, [rows[k] for k in missing]).all())
         # Inserted meanwhile by another transaction (now committed: ours waited for it).
         raced = [k for k in missing if k not in found]
         if raced:
@@ -408,11 +400,10 @@ def _create_series(
         created[uid] = _SeriesRow(0, state.value, reason, first, last)
     stmt = (
         insert(_SERIES)
-        .values(values)
         .on_conflict_do_nothing(index_elements=["series_instance_uid"])
         .returning(_SERIES.c.series_instance_uid, _SERIES.c.id)
     )
-    inserted: dict[str, int] = dict(session.execute(stmt).all())
+    inserted: dict[str, int] = dict(session.execute(stmt, values).all())
     result = {uid: created[uid] for uid in inserted}
     for uid, id_ in inserted.items():
         # Times as the database will return them (UTC), for the later comparison.
@@ -498,14 +489,12 @@ def record_batch(
                 _instance_row(r, series[r.series_instance_uid].id)
                 for r in sorted(unique, key=lambda r: r.sop_instance_uid)
             ]
-            for chunk in _chunks(rows, _INSERT_CHUNK):
-                stmt = (
-                    insert(_INSTANCE)
-                    .values(list(chunk))
-                    .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-                    .returning(_INSTANCE.c.sop_instance_uid)
-                )
-                new_uids.update(session.execute(stmt).scalars())
+            stmt = (
+                insert(_INSTANCE)
+                .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+                .returning(_INSTANCE.c.sop_instance_uid)
+            )
+            new_uids.update(session.execute(stmt, rows).scalars())
 
             for uid in sorted(by_series):
                 _update_series(
