@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import multiprocessing
 import os
@@ -433,7 +434,10 @@ def test_new_and_duplicate_instances(session_factory: sessionmaker[Session]) -> 
 
     stored_b = get_instance(session_factory, "1.2.3.2")
     assert stored_b is not None
-    assert stored_b.file_path == b.file_path  # the re-send left the row as it was
+    # The re-send replaced the file in the spool: the row names the new file, nothing else
+    # changed...
+    assert stored_b.file_path == "elsewhere.dcm"
+    assert stored_b.received_at == b.received_at
     # ...and did not count as activity on the series.
     assert series_row(session_factory, b.series_instance_uid)[3] == T0
 
@@ -791,3 +795,16 @@ def test_concurrent_processes(
         )
     finally:
         engine.dispose()
+
+
+def test_resend_updates_file_facts_only(session_factory: sessionmaker[Session]) -> None:
+    """A re-sent instance (new transfer syntax, new file) keeps its row but not stale facts."""
+    first = instance("1.2.3.9.1", file_size=100)
+    assert record_batch(session_factory, [first]) == [True]
+    again = dataclasses.replace(first, transfer_syntax_uid="1.2.840.10008.1.2.4.90",
+                                file_size=42, calling_ae="OTHER")
+    assert record_batch(session_factory, [again]) == [False]
+    got = get_instance(session_factory, "1.2.3.9.1")
+    assert got is not None
+    assert got.transfer_syntax_uid == "1.2.840.10008.1.2.4.90" and got.file_size == 42
+    assert got.calling_ae == first.calling_ae, "other facts stay as first recorded"

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 
 _STD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message"}
 
@@ -53,16 +56,35 @@ def setup_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
     logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))
 
 
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (safe to log)."""
+#: What a secret is replaced with in anything we log or print.
+REDACTED = "***"
+#: URL query keys that carry passwords.
+SECRET_QUERY_KEYS = frozenset({"password", "passwd", "pwd", "sslpassword"})
+_SECRET_QUERY_RE = re.compile(
+    rf"([?&](?:{'|'.join(sorted(SECRET_QUERY_KEYS))})=)[^&]*", re.IGNORECASE
+)
+
+
+def redact_url(url: str | URL) -> str:
+    """Render a URL (database, broker) with its password and password-like query keys hidden.
+
+    Parameters
+    ----------
+    url : str or sqlalchemy.engine.URL
+        A URL, possibly with credentials.
+
+    Returns
+    -------
+    str
+        The URL with the password replaced by ``***``; safe for logs and error messages.
+        A string that is not a parseable URL is returned with anything between ``://user:``
+        and ``@`` hidden.
+    """
     if not url:
-        return url
+        return str(url)
     try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+        parsed = make_url(url)
+    except (ArgumentError, ValueError, TypeError):
+        return re.sub(r"(://[^:/@]*:)[^@]*@", rf"\g<1>{REDACTED}@", str(url))
+    rendered = parsed.render_as_string(hide_password=True)
+    return _SECRET_QUERY_RE.sub(rf"\g<1>{REDACTED}", rendered)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 import sqlite3
 import threading
 import time
@@ -37,6 +36,9 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from triage_node.errors import DatabaseError
+from triage_node.logs import REDACTED as _REDACTED
+from triage_node.logs import SECRET_QUERY_KEYS as _SECRET_QUERY_KEYS
+from triage_node.logs import redact_url
 
 __all__ = [
     "MIGRATIONS_DIR",
@@ -75,34 +77,6 @@ _SUPPORTED_DRIVERS: dict[str, frozenset[str]] = {
     "postgresql": frozenset({"psycopg"}),
 }
 _URL_HINT = "use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
-_SECRET_QUERY_KEYS = frozenset({"password", "passwd", "pwd", "sslpassword"})
-_REDACTED = "***"
-_SECRET_QUERY_RE = re.compile(
-    rf"([?&](?:{'|'.join(sorted(_SECRET_QUERY_KEYS))})=)[^&]*", re.IGNORECASE
-)
-
-
-def redact_url(url: str | URL) -> str:
-    """Render a database URL with its password (and password-like query keys) hidden.
-
-    Parameters
-    ----------
-    url : str or sqlalchemy.engine.URL
-        A SQLAlchemy database URL, possibly with credentials.
-
-    Returns
-    -------
-    str
-        The URL with the password replaced by ``***``; safe for logs and error messages.
-        A string that is not a parseable URL is returned with anything between ``://user:``
-        and ``@`` hidden.
-    """
-    try:
-        parsed = make_url(url)
-    except (exc.ArgumentError, ValueError, TypeError):
-        return re.sub(r"(://[^:/@]*:)[^@]*@", rf"\g<1>{_REDACTED}@", str(url))
-    rendered = parsed.render_as_string(hide_password=True)
-    return _SECRET_QUERY_RE.sub(rf"\g<1>{_REDACTED}", rendered)
 
 
 def _secrets_of(url: URL) -> list[str]:

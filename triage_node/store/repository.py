@@ -495,6 +495,7 @@ def record_batch(
                 .returning(_INSTANCE.c.sop_instance_uid)
             )
             new_uids.update(session.execute(stmt, rows).scalars())
+            _refresh_file_facts(session, checked, first_index, new_uids)
 
             for uid in sorted(by_series):
                 _update_series(
@@ -509,6 +510,44 @@ def record_batch(
         r.sop_instance_uid in new_uids and first_index[r.sop_instance_uid] == i
         for i, r in enumerate(checked)
     ]
+
+
+def _refresh_file_facts(
+    session: Session,
+    checked: Sequence[InstanceRecord],
+    first_index: dict[str, int],
+    new_uids: set[str],
+) -> None:
+    """A re-sent instance replaced its file in the spool: the row must describe that file.
+
+    Only where the file facts (path, transfer syntax, size) differ; the rest of the row,
+    and the series bookkeeping, stay as first recorded.
+    """
+    latest: dict[str, InstanceRecord] = {}
+    for i, r in enumerate(checked):
+        if r.sop_instance_uid not in new_uids or i != first_index[r.sop_instance_uid]:
+            latest[r.sop_instance_uid] = r
+    if not latest:
+        return
+    i = _INSTANCE.c
+    stmt = (
+        sa.update(_INSTANCE)
+        .where(i.sop_instance_uid == sa.bindparam("uid"))
+        .values(
+            file_path=sa.bindparam("fp"),
+            transfer_syntax_uid=sa.bindparam("ts"),
+            file_size=sa.bindparam("size"),
+        )
+    )
+    session.execute(
+        stmt,
+        [
+            {"uid": r.sop_instance_uid, "fp": r.file_path, "ts": r.transfer_syntax_uid,
+             "size": r.file_size}
+            for r in latest.values()
+        ],
+        execution_options={"synchronize_session": False},
+    )
 
 
 def _update_series(session: Session, row: _SeriesRow, new_records: list[InstanceRecord]) -> None:
