@@ -529,10 +529,9 @@ def _refresh_file_facts(
             latest[r.sop_instance_uid] = r
     if not latest:
         return
-    i = _INSTANCE.c
     stmt = (
         sa.update(_INSTANCE)
-        .where(i.sop_instance_uid == sa.bindparam("uid"))
+        .where(_INSTANCE.c.sop_instance_uid == sa.bindparam("uid"))
         .values(
             file_path=sa.bindparam("fp"),
             transfer_syntax_uid=sa.bindparam("ts"),
