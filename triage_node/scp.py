@@ -43,7 +43,11 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import (
+    AssociationSocket,
+    RequestHandler,
+    ThreadedAssociationServer,
+)
 
 from triage_node import store
 from triage_node.config import Config
@@ -98,6 +102,30 @@ def server_ssl_context(config: Config) -> ssl.SSLContext | None:
 DUL_POLL_DELAY = 0.0002
 
 
+class _BulkReadSocket(AssociationSocket):
+    """pynetdicom's socket, reading a PDU with few large ``recv_into`` calls.
+
+    The stock ``recv`` reads 4 KiB at a time: 128 system calls, each giving up and taking
+    back the GIL, per 512 KiB slice; with several associations in one process every
+    one of them waits for the GIL.
+    """
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        assert self.socket is not None
+        buf = bytearray(nr_bytes)
+        view = memoryview(buf)
+        got = 0
+        while got < nr_bytes:
+            n = self.socket.recv_into(view[got:], nr_bytes - got)
+            if n == 0:  # connection closed: return what arrived, as the original does
+                view.release()
+                del buf[got:]
+                return buf
+            got += n
+        view.release()
+        return buf
+
+
 class _RequestHandler(RequestHandler):
     """pynetdicom's per-connection handler, tuned for a receiver of large datasets."""
 
@@ -107,6 +135,8 @@ class _RequestHandler(RequestHandler):
         with contextlib.suppress(OSError):
             self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         assoc.dul._run_loop_delay = DUL_POLL_DELAY
+        # Same object, faster reads (the class only overrides ``recv``).
+        assoc.dul.socket.__class__ = _BulkReadSocket
         return assoc
 
 
