@@ -147,7 +147,7 @@ def main() -> int:
 
     print(f"\ningest, 512x512 int16 slices, median of {args.rounds} rounds, "
           f"{os.cpu_count()} cores, ours with fsync + SQLite commit per acknowledged slice")
-    print(f"command: {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]]) or 'bench/ingest.py'}")
+    print(f"command: python {' '.join(sys.argv)}")
     header = ("scenario", "ours slices/s", "dcmtk slices/s", "ratio")
     widths = [max(len(r[i]) for r in [*rows, header]) for i in range(4)]
     print(" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
