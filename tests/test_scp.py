@@ -150,6 +150,7 @@ def test_rejected_caller_is_audited(tmp_path: Path) -> None:
         assert "EVILCT@127.0.0.1 rejected" in node.log_text()
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # those UIDs are the point
 @pytest.mark.parametrize(
     ("study", "series", "sop"),
     [
