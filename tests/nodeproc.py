@@ -151,3 +151,10 @@ def storescu(
         *map(str, files),
     ]
     return subprocess.run(cmd, env=DCMTK_ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def echoscu(port: int, *, called: str = "ICHTRIAGE",
+            calling: str = "ECHOSCU") -> subprocess.CompletedProcess[str]:
+    """dcmtk echoscu against 127.0.0.1:port."""
+    cmd = [str(DCMTK / "echoscu"), "-aet", calling, "-aec", called, "127.0.0.1", str(port)]
+    return subprocess.run(cmd, env=DCMTK_ENV, capture_output=True, text=True, timeout=30)

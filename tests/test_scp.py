@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from dicomfiles import make_ct_series, make_instance
-from nodeproc import DCMTK, DCMTK_ENV, NodeProc, running_node, storescu
+from nodeproc import DCMTK, DCMTK_ENV, NodeProc, echoscu, running_node, storescu
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -41,12 +41,7 @@ def stored_files(node: NodeProc) -> list[Path]:
 
 def test_echo(tmp_path: Path) -> None:
     with running_node(tmp_path) as node:
-        out = subprocess.run(
-            [str(DCMTK / "echoscu"), "-aec", "ICHTRIAGE", "127.0.0.1", str(node.port)],
-            env=DCMTK_ENV,
-            capture_output=True,
-            timeout=30,
-        )
+        out = echoscu(node.port)
         assert out.returncode == 0, out.stderr
         assert node.stop() == 0
 
@@ -110,38 +105,10 @@ def test_duplicates_are_idempotent(tmp_path: Path) -> None:
 def test_rejected_caller_is_audited(tmp_path: Path) -> None:
     extra = 'allowed_callers = [{ae_title = "GOODCT", host = "127.0.0.1"}]'
     with running_node(tmp_path, extra=extra) as node:
-        bad = subprocess.run(
-            [
-                str(DCMTK / "echoscu"),
-                "-aet",
-                "EVILCT",
-                "-aec",
-                "ICHTRIAGE",
-                "127.0.0.1",
-                str(node.port),
-            ],
-            env=DCMTK_ENV,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        bad = echoscu(node.port, calling="EVILCT")
         assert bad.returncode != 0
         assert "Calling AE Title Not Recognized" in bad.stderr or "Rejected" in bad.stderr
-        good = subprocess.run(
-            [
-                str(DCMTK / "echoscu"),
-                "-aet",
-                "GOODCT",
-                "-aec",
-                "ICHTRIAGE",
-                "127.0.0.1",
-                str(node.port),
-            ],
-            env=DCMTK_ENV,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        good = echoscu(node.port, calling="GOODCT")
         assert good.returncode == 0, good.stderr
         node.stop()
         events = store.list_events(db(node), kinds=[EventKind.ASSOCIATION_REJECTED])
