@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -449,3 +450,18 @@ def test_tls_storage(tmp_path: Path, tls_files: tuple[Path, Path]) -> None:
         plain = storescu(node.port, sent[:1])
         assert "(Success)" not in plain.stderr
         assert store.count_instances(db(node)) == 3
+
+
+def test_idle_tcp_probe_does_not_hold_up_shutdown(tmp_path: Path) -> None:
+    """A health-check style connection that never associates gets no drain grace."""
+    import socket as _socket
+
+    with running_node(tmp_path, extra="shutdown_grace = 60.0") as node:
+        probe = _socket.create_connection(("127.0.0.1", node.port))
+        try:
+            assert echoscu(node.port).returncode == 0
+            node.proc.send_signal(signal.SIGTERM)
+            assert node.proc.wait(timeout=20) == 0, "waited out the grace for a probe"
+        finally:
+            probe.close()
+        assert "aborting" not in node.log_text()

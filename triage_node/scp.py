@@ -74,7 +74,7 @@ _config.STORE_RECV_CHUNKED_DATASET = True
 
 
 #: Retired JPEG processes (PS3.5 A.4.1) that old modalities still send, and JPIP.
-_RETIRED_SYNTAXES = [f"1.2.840.10008.1.2.4.{n}" for n in (*range(52, 57), *range(58, 70), 94, 95)]
+_RETIRED_SYNTAXES = [f"1.2.840.10008.1.2.4.{n}" for n in (*range(52, 57), *range(58, 67), 94, 95)]
 
 
 def _storage_contexts() -> list[Any]:
@@ -233,7 +233,9 @@ class StorageSCP:
 
     def _closed(self, event: evt.Event, kind: EventKind) -> None:
         ae, address = self._peer(event)
-        st = self._stats.pop(id(event.assoc), _AssocStats())
+        st = self._stats.pop(id(event.assoc), None)
+        if st is None:  # never established (a bare TCP connection): nothing to audit
+            return
         seconds = time.monotonic() - st.started
         detail = (f"stored={st.stored} duplicates={st.duplicates} refused={st.refused} "
                   f"seconds={seconds:.2f}")
@@ -405,14 +407,19 @@ class RunningSCP:
         self.scp.draining = True
         self.server.shutdown()  # stops serve_forever and closes the listening socket
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and self.ae.active_associations:
+        # Connections that never sent an A-ASSOCIATE-RQ (port probes, health checks) have
+        # nothing in flight: only established associations get the grace period.
+        while time.monotonic() < deadline and any(
+            a.is_established for a in self.ae.active_associations
+        ):
             time.sleep(0.05)
         remaining = self.ae.active_associations
-        if remaining:
-            log.warning("aborting %d association(s) still open after %.0f s", len(remaining),
-                        grace)
-            for assoc in remaining:
-                assoc.abort()
+        busy = sum(a.is_established for a in remaining)
+        if busy:
+            log.warning("aborting %d association(s) still open after the %.0f s grace; "
+                        "their unacknowledged instances will be re-sent", busy, grace)
+        for assoc in remaining:
+            assoc.abort()
         if not self.scp.wait_idle(timeout=max(30.0, self.config_timeout)):
             log.error("C-STORE handlers still running at exit")
         self.recorder.close()
