@@ -465,3 +465,22 @@ def test_idle_tcp_probe_does_not_hold_up_shutdown(tmp_path: Path) -> None:
         finally:
             probe.close()
         assert "aborting" not in node.log_text()
+
+
+def test_sigterm_lets_an_open_association_finish_within_grace(tmp_path: Path) -> None:
+    sent = make_ct_series(tmp_path / "in", 80, rows=128, cols=128)
+    with running_node(tmp_path, extra="shutdown_grace = 60.0") as node:
+        sessions = db(node)
+        sender = subprocess.Popen(
+            [str(DCMTK / "storescu"), "-v", "-aec", "ICHTRIAGE", "127.0.0.1", str(node.port),
+             *map(str, sent)], env=DCMTK_ENV, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while store.count_instances(sessions) < 10 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert node.stop() == 0
+        _, err = sender.communicate(timeout=60)
+        assert sender.returncode == 0, err[-2000:]
+        assert len(_acknowledged(err)) == 80, "the open association ran to completion"
+        assert store.count_instances(sessions) == 80
+        log = node.log_text()
+        assert log.index("stopping") < log.index("released: stored="), "SIGTERM came mid-transfer"

@@ -188,7 +188,10 @@ class StorageSCP:
         self._stats: dict[int, _AssocStats] = {}
         self._inflight = 0
         self._cond = threading.Condition()
+        #: set on SIGTERM: new associations are rejected, open ones may finish
         self.draining = False
+        #: set when the grace is over: stores not yet started are refused, then abort
+        self.closing = False
 
     # -- association life cycle ------------------------------------------------------
 
@@ -286,7 +289,7 @@ class StorageSCP:
         req = cast(C_STORE, event.request)
         rq_class = str(req.AffectedSOPClassUID or "")
         rq_uid = str(req.AffectedSOPInstanceUID or "")
-        if self.draining:
+        if self.closing:
             return self._refuse(event, STATUS_SHUTTING_DOWN, "node shutting down", rq_uid)
         tmp = Path(event.dataset_path)
         try:
@@ -413,6 +416,7 @@ class RunningSCP:
             a.is_established for a in self.ae.active_associations
         ):
             time.sleep(0.05)
+        self.scp.closing = True
         remaining = self.ae.active_associations
         busy = sum(a.is_established for a in remaining)
         if busy:
