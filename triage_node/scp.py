@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -564,8 +564,6 @@ def run_scp(config: Config, *, on_ready: Callable[[int], None] | None = None) ->
 
 
 def _with_max_associations(config: Config, value: int) -> Config:
-    from dataclasses import replace
-
     return replace(config, dicom=replace(config.dicom, max_associations=value))
 
 
