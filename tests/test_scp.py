@@ -484,3 +484,30 @@ def test_sigterm_lets_an_open_association_finish_within_grace(tmp_path: Path) ->
         assert store.count_instances(sessions) == 80
         log = node.log_text()
         assert log.index("stopping") < log.index("released: stored="), "SIGTERM came mid-transfer"
+
+
+def test_real_scanner_studies_as_a_scanner_sends_them(tmp_path: Path) -> None:
+    """Real GE and Philips head CT (../shared/realdata): axial slices are triage candidates;
+    the Philips scout and its 'Exam Summary' secondary captures are kept but not triaged;
+    DICOMDIR/DIRFILE are not sent at all."""
+    src = _realdata("headct_dcm_qa_ct")
+    files = scu.collect_files([src / "GE", src / "Philips"])
+    assert not any(p.name in ("DICOMDIR", "DIRFILE") for p in files)
+    with running_node(tmp_path) as node:
+        report = scu.send(files, "127.0.0.1", node.port, called_ae="ICHTRIAGE")
+        assert report.sent == len(files), report.failed
+        sessions = db(node)
+        states: dict[str, list[str]] = {}
+        for p in files:
+            ds = dcmread(p, stop_before_pixels=True)
+            rec = store.get_instance(sessions, ds.SOPInstanceUID)
+            assert rec is not None, p
+            key = "SC" if rec.sop_class_uid.endswith(".7") else (
+                "scout" if "S1000" in p.parts else p.parent.name)
+            states.setdefault(key, []).append(rec.state.value)
+        assert states["GE"] == ["stored"] * 28
+        assert states["S2010"] == ["stored"] * 28
+        assert states["scout"] == ["not_for_triage"]
+        assert states["SC"] and set(states["SC"]) == {"not_for_triage"}
+        by_desc = {s.series_description: s for s in store.list_series(sessions)}
+        assert by_desc["STD BRAIN 5MM"].state is SeriesState.RECEIVING
