@@ -21,7 +21,7 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 def test_help_lists_commands() -> None:
     out = run("--help")
     assert out.returncode == 0
-    for cmd in ("serve", "scp", "db", "send", "echo", "series", "config"):
+    for cmd in ("serve", "scp", "db", "send", "echo", "series", "phantom", "config"):
         assert cmd in out.stdout
     for cmd in ("scp", "serve", "send", "echo", "series"):
         sub = run(cmd, "--help")
@@ -100,3 +100,23 @@ def test_receiving_side_never_imports_torch() -> None:
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'monai')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.skipif(not (DCMTK / "storescu").exists(), reason="dcmtk not installed")
+def test_phantom_studies_sent_to_the_node(tmp_path: Path) -> None:
+    out = run("phantom", "--out", str(tmp_path / "ph"), "--studies", "2", "--seed", "3",
+              "--slices", "6")
+    assert out.returncode == 0, out.stderr
+    rows = (tmp_path / "ph" / "stage_2_train.csv").read_text().splitlines()
+    assert rows[0] == "ID,Label" and len(rows) == 1 + 2 * 6 * 6
+    with running_node(tmp_path) as node:
+        sent = run("send", str(tmp_path / "ph"), "--to", f"127.0.0.1:{node.port}")
+        assert sent.returncode == 0 and "sent 12 of 12" in sent.stdout, sent.stdout + sent.stderr
+        listing = json.loads(run("series", "--json", "--config", str(node.config)).stdout)
+        assert sorted(r["instance_count"] for r in listing) == [6, 6]
+        assert {r["state"] for r in listing} == {"receiving"}
+
+
+def test_phantom_bad_argument_exits_2(tmp_path: Path) -> None:
+    out = run("phantom", "--out", str(tmp_path / "ph"), "--studies", "0")
+    assert out.returncode == 2 and "studies" in out.stderr

@@ -75,6 +75,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON output")
     p.add_argument("--limit", type=int, default=None)
 
+    p = sub.add_parser("phantom", parents=[common],
+                       help="write synthetic head-CT studies (DICOM + RSNA-style labels)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR")
+    p.add_argument("--studies", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--positive-rate", type=float, default=0.5, metavar="R",
+                   help="fraction of studies with hemorrhage (default 0.5)")
+    p.add_argument("--slices", type=int, default=32, metavar="K", help="slices per study")
+    p.add_argument("--no-quirks", action="store_true",
+                   help="omit the RSNA data quirks (unsigned 12-bit, odd spacing, MONOCHROME1)")
+
     p = sub.add_parser("config", parents=[common], help="print the effective configuration")
     return parser
 
@@ -192,6 +203,23 @@ def _cmd_series(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _cmd_phantom(args: argparse.Namespace) -> int:
+    from triage_node import phantom
+
+    try:
+        truths = phantom.generate(args.out, studies=args.studies, seed=args.seed,
+                                  positive_rate=args.positive_rate, n_slices=args.slices,
+                                  quirks=not args.no_quirks)
+    except ValueError as exc:
+        print(f"triage-node: {exc}", file=sys.stderr)
+        return 2
+    positives = sum(t.positive for t in truths)
+    print(f"wrote {len(truths)} studies ({positives} with hemorrhage), "
+          f"{sum(len(t.slices) for t in truths)} slices, to {args.out}; labels in "
+          f"{args.out / 'stage_2_train.csv'} and {args.out / 'series_labels.csv'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = _parser().parse_args(argv)
@@ -212,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_echo(args)
         if args.command == "series":
             return _cmd_series(args, config)
+        if args.command == "phantom":
+            return _cmd_phantom(args)
         if args.command == "config":
             print(json.dumps(config.redacted(), indent=2, sort_keys=True))
             return 0
