@@ -13,6 +13,7 @@ code (``raise X(...) from exc``), so callers only ever catch these::
     │   └── AssociationError     a peer refused, aborted or never answered
     │       ├── RetryableAssociationError   worth trying again later (peer down, timeout)
     │       └── PermanentAssociationError   will not succeed by retrying (rejected, bad AE)
+    ├── ArtifactError            a model artifact is missing, corrupt or incompatible
     └── NodeStateError           an operation is not possible in the current state
 """
 
@@ -57,6 +58,10 @@ class RetryableAssociationError(AssociationError):
 
 class PermanentAssociationError(AssociationError):
     """An association failure that retrying will not fix (rejected, unknown AE)."""
+
+
+class ArtifactError(TriageNodeError):
+    """A model artifact is missing, corrupt (checksum) or incompatible with this version."""
 
 
 class NodeStateError(TriageNodeError):
