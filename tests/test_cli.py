@@ -120,3 +120,19 @@ def test_phantom_studies_sent_to_the_node(tmp_path: Path) -> None:
 def test_phantom_bad_argument_exits_2(tmp_path: Path) -> None:
     out = run("phantom", "--out", str(tmp_path / "ph"), "--studies", "0")
     assert out.returncode == 2 and "studies" in out.stderr
+
+
+def test_model_info(tmp_path: Path) -> None:
+    from triage_node.model import random_artifact
+    from triage_node.preprocess import PreprocessSpec
+
+    spec = PreprocessSpec(size=64)
+    random_artifact(tmp_path / "m.tnm", architecture="resnet18", preprocess=spec.to_dict(),
+                    in_channels=spec.channels)
+    out = run("model", "info", str(tmp_path / "m.tnm"))
+    assert out.returncode == 0 and "resnet18" in out.stdout and "sha256" in out.stdout
+    as_json = json.loads(run("model", "info", "--json", str(tmp_path / "m.tnm")).stdout)
+    assert as_json["labels"][0] == "any" and len(as_json["weights_sha256"]) == 64
+    (tmp_path / "bad.tnm").write_text("junk")
+    bad = run("model", "info", str(tmp_path / "bad.tnm"))
+    assert bad.returncode == 1 and "not a model artifact" in bad.stderr

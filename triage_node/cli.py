@@ -86,6 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-quirks", action="store_true",
                    help="omit the RSNA data quirks (unsigned 12-bit, odd spacing, MONOCHROME1)")
 
+    p = sub.add_parser("model", parents=[common], help="model artifacts")
+    msub = p.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    mi = msub.add_parser("info", parents=[common], help="print an artifact's metadata")
+    mi.add_argument("path", type=Path, metavar="PATH")
+    mi.add_argument("--json", action="store_true", help="JSON output")
+
     p = sub.add_parser("config", parents=[common], help="print the effective configuration")
     return parser
 
@@ -220,6 +226,20 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_model(args: argparse.Namespace) -> int:
+    # read_meta never unpickles weights; torch is imported only because model.py needs it.
+    import dataclasses
+
+    from triage_node import model
+
+    meta = model.read_meta(args.path)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(meta), indent=2, sort_keys=True))
+    else:
+        print(model.describe(meta))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = _parser().parse_args(argv)
@@ -242,6 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_series(args, config)
         if args.command == "phantom":
             return _cmd_phantom(args)
+        if args.command == "model":
+            return _cmd_model(args)
         if args.command == "config":
             print(json.dumps(config.redacted(), indent=2, sort_keys=True))
             return 0
