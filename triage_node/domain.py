@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -117,6 +119,32 @@ class SeriesSummary:
     reason: str | None
     first_received_at: dt.datetime | None
     last_received_at: dt.datetime | None
+
+
+def slice_normal(orientation: Sequence[float]) -> tuple[float, float, float] | None:
+    """Unit normal (row x column) of an ImageOrientationPatient, or None if degenerate."""
+    if len(orientation) != 6:
+        return None
+    r, c = orientation[:3], orientation[3:]
+    n = (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
+    norm = math.sqrt(sum(v * v for v in n))
+    return None if norm < 1e-6 else (n[0] / norm, n[1] / norm, n[2] / norm)
+
+
+def position_along_normal(
+    position: Sequence[float] | None, orientation: Sequence[float] | None
+) -> float | None:
+    """A slice's position in mm along its normal: the sort key of a series.
+
+    ``dot(ImagePositionPatient, row x column)``; ``ImagePositionPatient[2]`` when the
+    orientation is missing or degenerate; None without a position.
+    """
+    if position is None or len(position) != 3:
+        return None
+    normal = slice_normal(orientation) if orientation is not None else None
+    if normal is None:
+        return float(position[2])
+    return float(sum(p * n for p, n in zip(position, normal, strict=True)))
 
 
 def utcnow() -> dt.datetime:

@@ -38,6 +38,7 @@ from monai.transforms.spatial.array import Resize
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
+from triage_node.domain import position_along_normal
 from triage_node.errors import InvalidDatasetError
 
 __all__ = [
@@ -470,14 +471,9 @@ def slice_position(ds: Dataset) -> float:
         If none of the three attributes is usable.
     """
     ipp = _floats(ds, "ImagePositionPatient", 3)
-    if ipp is not None:
-        iop = _floats(ds, "ImageOrientationPatient", 6)
-        if iop is not None:
-            normal = np.cross(np.asarray(iop[:3]), np.asarray(iop[3:]))
-            norm = float(np.linalg.norm(normal))
-            if norm > 1e-6:
-                return float(np.dot(np.asarray(ipp), normal) / norm)
-        return ipp[2]
+    position = position_along_normal(ipp, _floats(ds, "ImageOrientationPatient", 6))
+    if position is not None:
+        return position
     number = ds.get("InstanceNumber")
     if number is not None and str(number).strip() != "":
         try:

@@ -131,6 +131,10 @@ class Series(Base):
     reason: Mapped[str | None] = mapped_column(sa.Text)
     first_received_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     last_received_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    #: an association that delivered instances of this series was released at this time
+    release_hint_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    #: when series assembly last declared it complete (selected or not)
+    completed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
 
 class Instance(Base):
