@@ -54,7 +54,8 @@ def test_example_documents_every_key() -> None:
     text = (ROOT / "config.example.toml").read_text()
     from triage_node import config as c
 
-    for cls in (c.DicomConfig, c.TLSConfig, c.StorageConfig, c.QueueConfig, c.ModelConfig,
+    for cls in (c.DicomConfig, c.TLSConfig, c.StorageConfig, c.TriageConfig, c.QueueConfig,
+                c.ModelConfig,
                 c.ApiConfig, c.LoggingConfig):
         for name in cls.__dataclass_fields__:
             if name == "tls":  # a table of its own: [dicom.tls]
@@ -149,3 +150,16 @@ def test_destinations_parsed() -> None:
     cfg = build_config(data, env={"TRIAGE_NODE_DATA_DIR": "/tmp/x"})
     assert [d.ae_title for d in cfg.destinations] == ["PACS", "PACS2"]
     assert cfg.destinations[1].port == 11112
+
+
+def test_triage_section(tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text(
+        '[triage]\nmin_slices = 20\nbody_parts = ["head"]\ndescription_patterns = ["^ct"]\n')
+    cfg = load_config(tmp_path / "c.toml", env={})
+    assert cfg.triage.min_slices == 20 and cfg.triage.body_parts == ("HEAD",)
+    (tmp_path / "c.toml").write_text('[triage]\ndescription_patterns = ["(unclosed"]\n')
+    with pytest.raises(ConfigError, match=r"triage\.description_patterns"):
+        load_config(tmp_path / "c.toml", env={})
+    (tmp_path / "c.toml").write_text('[triage]\nbody_parts = "HEAD"\n')
+    with pytest.raises(ConfigError, match="expected a list of strings"):
+        load_config(tmp_path / "c.toml", env={})

@@ -124,6 +124,28 @@ class DatabaseConfig:
     url: str
 
 
+DEFAULT_HEAD_BODY_PARTS = ("HEAD", "BRAIN", "SKULL", "CEREBRUM", "NEURO")
+DEFAULT_HEAD_PATTERNS = (r"head", r"brain", r"cran", r"cereb", r"skull", r"\bhd\b", r"neuro")
+
+
+@dataclass(frozen=True, slots=True)
+class TriageConfig:
+    """``[triage]``: when a series is complete, and which series are triaged."""
+
+    #: a series is complete when nothing arrived for this long (Orthanc's StableAge)
+    stable_seconds: float = 60.0
+    #: ...or this long after an association that delivered it was released
+    release_settle_seconds: float = 2.0
+    #: fewer stored axial CT slices than this: not triaged
+    min_slices: int = 10
+    #: largest angle between the slice normal and the patient's z axis (gantry tilt), degrees
+    max_tilt_degrees: float = 35.0
+    #: BodyPartExamined values that mean head (upper case)
+    body_parts: tuple[str, ...] = DEFAULT_HEAD_BODY_PARTS
+    #: regular expressions (case-insensitive) on series or study description meaning head
+    description_patterns: tuple[str, ...] = DEFAULT_HEAD_PATTERNS
+
+
 @dataclass(frozen=True, slots=True)
 class QueueConfig:
     """``[queue]``: empty ``broker_url`` = the embedded durable local transport."""
@@ -174,6 +196,7 @@ class Config:
     dicom: DicomConfig
     storage: StorageConfig
     database: DatabaseConfig
+    triage: TriageConfig = field(default_factory=TriageConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     destinations: tuple[DestinationConfig, ...] = ()
@@ -250,6 +273,12 @@ class _Section:
         if not lo <= value <= hi:
             raise self.fail(key, value, f"must be between {lo} and {hi}")
         return float(value)
+
+    def strings_(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self._get(key, list(default))
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.fail(key, value, "expected a list of strings")
+        return tuple(value)
 
     def ae_(self, key: str, default: str) -> str:
         value = self.str_(key, default)
@@ -407,6 +436,23 @@ def build_config(
         raise ConfigError(f"database.url = {url.split('@')[-1]!r}: expected sqlite:/// or "
                           "postgresql+psycopg:// URL")
 
+    tr = root.sub("triage")
+    triage = TriageConfig(
+        stable_seconds=tr.float_("stable_seconds", 60.0, 0.1, 86400),
+        release_settle_seconds=tr.float_("release_settle_seconds", 2.0, 0, 3600),
+        min_slices=tr.int_("min_slices", 10, 1, 10000),
+        max_tilt_degrees=tr.float_("max_tilt_degrees", 35.0, 0, 90),
+        body_parts=tuple(v.upper() for v in tr.strings_("body_parts", DEFAULT_HEAD_BODY_PARTS)),
+        description_patterns=tr.strings_("description_patterns", DEFAULT_HEAD_PATTERNS),
+    )
+    tr.check_unknown()
+    for pattern in triage.description_patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise tr.fail("description_patterns", pattern, f"not a regular expression: {exc}"
+                          ) from exc
+
     qu = root.sub("queue")
     queue = QueueConfig(broker_url=env.get(ENV_BROKER_URL) or qu.str_("broker_url", ""))
     qu.used.add("broker_url")
@@ -439,6 +485,7 @@ def build_config(
         dicom=dicom,
         storage=storage,
         database=DatabaseConfig(url=url),
+        triage=triage,
         queue=queue,
         model=model,
         destinations=destinations,
