@@ -513,13 +513,21 @@ def test_series_states(session_factory: sessionmaker[Session]) -> None:
     )
     assert series_row(session_factory, "1.3")[:2] == (SeriesState.RECEIVING, None)
 
-    # Later stages belong to the pipeline: arrivals only move the time range.
+    # A late slice reopens a decided series (issue 5): assembly decides again.
     with session_factory.begin() as session:
         session.execute(
             sa.text("UPDATE series SET state = 'done' WHERE series_instance_uid = '1.3'")
         )
     record_batch(session_factory, [instance("1.3.3", series="1.3", at=t[8])])
-    assert series_row(session_factory, "1.3") == (SeriesState.DONE, None, t[0], t[8])
+    assert series_row(session_factory, "1.3") == (SeriesState.RECEIVING, None, t[0], t[8])
+    # ...but a late non-triageable instance (a dose report, say) does not.
+    with session_factory.begin() as session:
+        session.execute(
+            sa.text("UPDATE series SET state = 'done' WHERE series_instance_uid = '1.3'")
+        )
+    record_batch(session_factory, [instance("1.3.4", series="1.3", at=t[9], state=refused,
+                                            reason="not a CT image")])
+    assert series_row(session_factory, "1.3")[0] == SeriesState.DONE
 
 
 def test_batch_spanning_series_studies_and_patients(session_factory: sessionmaker[Session]) -> None:

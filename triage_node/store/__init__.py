@@ -22,27 +22,35 @@ from triage_node.store.db import (
     upgrade,
 )
 from triage_node.store.repository import (
+    complete_series,
     count_instances,
+    due_series,
     get_instance,
     list_events,
     list_series,
+    mark_release_hint,
     record_batch,
     record_events,
+    series_instances,
 )
 
 __all__ = [
     "alembic_config",
+    "complete_series",
     "count_instances",
     "current_revision",
     "default_sqlite_url",
+    "due_series",
     "get_instance",
     "head_revision",
     "list_events",
     "list_series",
     "make_engine",
     "make_session_factory",
+    "mark_release_hint",
     "record_batch",
     "record_events",
     "redact_url",
+    "series_instances",
     "upgrade",
 ]

@@ -260,8 +260,12 @@ def _initial_series_state(records: Sequence[InstanceRecord]) -> tuple[SeriesStat
 def _next_series_state(
     state: str, reason: str | None, new_records: Sequence[InstanceRecord]
 ) -> tuple[str, str | None]:
-    """State of an existing series after ``new_records`` arrived."""
-    if state == SeriesState.NOT_TRIAGED and any(
+    """State of an existing series after ``new_records`` arrived.
+
+    A triageable slice arriving after the series was decided (not triaged, queued, done...)
+    reopens it: assembly decides again and the result is recomputed.
+    """
+    if state != SeriesState.RECEIVING and any(
         r.state == InstanceState.STORED for r in new_records
     ):
         return SeriesState.RECEIVING.value, None
@@ -692,33 +696,36 @@ def get_instance(
         If the database is unreachable.
     """
     _check_uid(sop_instance_uid, "sop_instance_uid")
-    s, st, p, i = _SERIES.c, _STUDY.c, _PATIENT.c, _INSTANCE.c
-    stmt = (
-        sa.select(
-            _INSTANCE,
-            s.series_instance_uid,
-            s.modality,
-            s.body_part_examined,
-            s.series_description,
-            s.series_number,
-            st.study_instance_uid,
-            st.accession_number,
-            st.study_date,
-            st.study_description,
-            p.patient_id,
-            p.patient_name,
-        )
-        .select_from(
-            _INSTANCE.join(_SERIES, s.id == i.series_fk)
-            .join(_STUDY, st.id == s.study_fk)
-            .join(_PATIENT, p.id == st.patient_fk)
-        )
-        .where(i.sop_instance_uid == sop_instance_uid)
-    )
+    stmt = _instance_select().where(_INSTANCE.c.sop_instance_uid == sop_instance_uid)
     with _transaction(session_factory, "read an instance", read_only=True) as session:
         row = session.execute(stmt).one_or_none()
-    if row is None:
-        return None
+    return None if row is None else _record_of(row)
+
+
+def _instance_select() -> sa.Select[Any]:
+    """Instances joined with their series, study and patient (the InstanceRecord fields)."""
+    s, st, p, i = _SERIES.c, _STUDY.c, _PATIENT.c, _INSTANCE.c
+    return sa.select(
+        _INSTANCE,
+        s.series_instance_uid,
+        s.modality,
+        s.body_part_examined,
+        s.series_description,
+        s.series_number,
+        st.study_instance_uid,
+        st.accession_number,
+        st.study_date,
+        st.study_description,
+        p.patient_id,
+        p.patient_name,
+    ).select_from(
+        _INSTANCE.join(_SERIES, s.id == i.series_fk)
+        .join(_STUDY, st.id == s.study_fk)
+        .join(_PATIENT, p.id == st.patient_fk)
+    )
+
+
+def _record_of(row: Any) -> InstanceRecord:
     return InstanceRecord(
         sop_instance_uid=row.sop_instance_uid,
         sop_class_uid=row.sop_class_uid,
@@ -747,6 +754,85 @@ def get_instance(
         rows=row.rows,
         columns=row.columns,
     )
+
+
+def series_instances(
+    session_factory: sessionmaker[Session], series_instance_uid: str
+) -> list[InstanceRecord]:
+    """Every recorded instance of one series (unordered; see :mod:`triage_node.series`)."""
+    _check_uid(series_instance_uid, "series_instance_uid")
+    stmt = _instance_select().where(_SERIES.c.series_instance_uid == series_instance_uid)
+    with _transaction(session_factory, "read a series", read_only=True) as session:
+        return [_record_of(row) for row in session.execute(stmt)]
+
+
+def mark_release_hint(
+    session_factory: sessionmaker[Session], series_instance_uids: Collection[str],
+    at: dt.datetime,
+) -> None:
+    """An association that delivered these series was released at ``at``.
+
+    Series assembly treats a released series as complete after a short settle time instead
+    of the full ``stable_seconds``.
+    """
+    at = _check_aware(at, "at")
+    if not series_instance_uids:
+        return
+    stmt = (
+        sa.update(_SERIES)
+        .where(_SERIES.c.series_instance_uid.in_(sorted(series_instance_uids)))
+        .values(release_hint_at=at)
+    )
+    with _transaction(session_factory, "record a release hint") as session:
+        session.execute(stmt)
+
+
+def due_series(
+    session_factory: sessionmaker[Session], *, now: dt.datetime, stable_seconds: float,
+    settle_seconds: float,
+) -> list[str]:
+    """Receiving series that are complete by now: quiet for ``stable_seconds``, or released
+    (after their last instance) at least ``settle_seconds`` ago. Oldest first."""
+    now = _check_aware(now, "now")
+    s = _SERIES.c
+    quiet = s.last_received_at <= now - dt.timedelta(seconds=stable_seconds)
+    released = sa.and_(
+        s.release_hint_at.is_not(None),
+        s.release_hint_at >= s.last_received_at,
+        s.release_hint_at <= now - dt.timedelta(seconds=settle_seconds),
+    )
+    stmt = (
+        sa.select(s.series_instance_uid)
+        .where(s.state == SeriesState.RECEIVING.value, sa.or_(quiet, released))
+        .order_by(s.last_received_at)
+    )
+    with _transaction(session_factory, "find complete series", read_only=True) as session:
+        return list(session.execute(stmt).scalars())
+
+
+def complete_series(
+    session_factory: sessionmaker[Session], series_instance_uid: str, *,
+    state: SeriesState, reason: str | None, at: dt.datetime, last_received_at: dt.datetime,
+) -> bool:
+    """Move a receiving series to ``state`` - only if nothing arrived since the decision.
+
+    ``last_received_at`` is the value the decision was based on: a late slice changes it
+    (and reopens the series), so the update is skipped and False returned.
+    """
+    at = _check_aware(at, "at")
+    s = _SERIES.c
+    stmt = (
+        sa.update(_SERIES)
+        .where(
+            s.series_instance_uid == series_instance_uid,
+            s.state == SeriesState.RECEIVING.value,
+            s.last_received_at == last_received_at,
+        )
+        .values(state=state.value, reason=reason, completed_at=at)
+    )
+    with _transaction(session_factory, "complete a series") as session:
+        result = cast(sa.CursorResult[Any], session.execute(stmt))
+        return bool(result.rowcount)
 
 
 def list_events(
