@@ -22,6 +22,7 @@ handlers in flight, flush the recorder, exit 0.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import multiprocessing
 import os
@@ -165,6 +166,11 @@ class _AssocStats:
     duplicates: int = 0
     refused: int = 0
     started: float = field(default_factory=time.monotonic)
+    series: set[str] = field(default_factory=set)
+
+
+#: Called with the series an association delivered, once it is released normally.
+ReleaseHint = Callable[[set[str], dt.datetime], None]
 
 
 class StorageSCP:
@@ -179,12 +185,17 @@ class StorageSCP:
         directory pynetdicom streams into (see :func:`serve_scp`).
     recorder : Recorder
         Commits instance records and audit events.
+    on_release : callable, optional
+        Told which series a released association delivered (series assembly's hint that
+        they may be complete).
     """
 
-    def __init__(self, config: Config, spool: Spool, recorder: Recorder) -> None:
+    def __init__(self, config: Config, spool: Spool, recorder: Recorder,
+                 on_release: ReleaseHint | None = None) -> None:
         self.config = config
         self.spool = spool
         self.recorder = recorder
+        self.on_release = on_release
         self._stats: dict[int, _AssocStats] = {}
         self._inflight = 0
         self._cond = threading.Condition()
@@ -249,8 +260,16 @@ class StorageSCP:
                                         else "aborted", detail=detail))
 
     def handle_released(self, event: evt.Event) -> None:
-        """Audit a normal release with the association's counts."""
+        """Audit a normal release; hint series assembly that its series may be complete."""
+        st = self._stats.get(id(event.assoc))
+        series = set(st.series) if st else set()
         self._closed(event, EventKind.ASSOCIATION_CLOSED)
+        if series and self.on_release:
+            try:
+                self.on_release(series, utcnow())
+            except DatabaseError as exc:  # only a hint: stable_seconds still completes them
+                log.warning("could not record the release hint for %d series: %s",
+                            len(series), exc)
 
     def handle_aborted(self, event: evt.Event) -> None:
         """Audit an abort (by either side) with the association's counts."""
@@ -346,6 +365,7 @@ class StorageSCP:
         if stats:
             stats.stored += 1
             stats.duplicates += not is_new
+            stats.series.add(record.series_instance_uid)
         log.debug("stored %s (%s)%s", relpath, record.state.value,
                   "" if is_new else " again (duplicate)")
         return STATUS_SUCCESS
@@ -448,7 +468,7 @@ def serve_scp(config: Config, *, host: str | None = None, port: int | None = Non
     engine = store.make_engine(config.database.url)
     factory = store.make_session_factory(engine)
     recorder = Recorder(partial(store.record_batch, factory))
-    scp = StorageSCP(config, spool, recorder)
+    scp = StorageSCP(config, spool, recorder, on_release=partial(store.mark_release_hint, factory))
     ae, handlers = build_ae(config, scp)
     address = (host if host is not None else config.dicom.host,
                port if port is not None else config.dicom.port)

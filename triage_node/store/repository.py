@@ -790,9 +790,10 @@ def mark_release_hint(
 def due_series(
     session_factory: sessionmaker[Session], *, now: dt.datetime, stable_seconds: float,
     settle_seconds: float,
-) -> list[str]:
+) -> list[tuple[str, dt.datetime]]:
     """Receiving series that are complete by now: quiet for ``stable_seconds``, or released
-    (after their last instance) at least ``settle_seconds`` ago. Oldest first."""
+    (after their last instance) at least ``settle_seconds`` ago. Oldest first, each with
+    its ``last_received_at`` (pass it to :func:`complete_series`)."""
     now = _check_aware(now, "now")
     s = _SERIES.c
     quiet = s.last_received_at <= now - dt.timedelta(seconds=stable_seconds)
@@ -802,12 +803,12 @@ def due_series(
         s.release_hint_at <= now - dt.timedelta(seconds=settle_seconds),
     )
     stmt = (
-        sa.select(s.series_instance_uid)
+        sa.select(s.series_instance_uid, s.last_received_at)
         .where(s.state == SeriesState.RECEIVING.value, sa.or_(quiet, released))
         .order_by(s.last_received_at)
     )
     with _transaction(session_factory, "find complete series", read_only=True) as session:
-        return list(session.execute(stmt).scalars())
+        return [(row[0], row[1]) for row in session.execute(stmt)]
 
 
 def complete_series(
