@@ -12,7 +12,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from triage_node import store
 from triage_node.config import TriageConfig
-from triage_node.domain import InstanceRecord, InstanceState, SeriesState, utcnow
+from triage_node.domain import (
+    LABELS,
+    InstanceRecord,
+    InstanceState,
+    SeriesResult,
+    SeriesState,
+    utcnow,
+)
 from triage_node.series import assemble_due, not_selected_reason, order_slices
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
@@ -206,3 +213,37 @@ def test_scp_release_hint_end_to_end(tmp_path: Path) -> None:
         assert [(d.series_instance_uid, d.selected) for d in decided] == [
             (truth.series_uid, True)]
         engine.dispose()
+
+
+def _result(uid: str, any_p: float = 0.9) -> SeriesResult:
+    return SeriesResult(
+        series_instance_uid=uid,
+        probabilities=dict.fromkeys(LABELS, any_p),
+        slices=(("1.2.3.4.0", 0.0, (any_p,) * 6),),
+        key_sop_instance_uid="1.2.3.4.0",
+        flagged=any_p >= 0.5,
+        threshold=0.5,
+        model_name="m",
+        model_version="1",
+        model_sha256="0" * 64,
+        inference_started_at=T0,
+        inference_done_at=T0 + dt.timedelta(seconds=1),
+    )
+
+
+def test_result_round_trip_claim_and_replace(session_factory: sessionmaker[Session]) -> None:
+    _record(session_factory, head())
+    assemble_due(session_factory, RULES, now=T0 + dt.timedelta(minutes=5))
+    assert store.claim_series(session_factory, "1.2.3.4")
+    assert store.store_result(session_factory, _result("1.2.3.4")) is SeriesState.DONE
+    assert not store.claim_series(session_factory, "1.2.3.4"), "done is not claimable"
+    got = store.get_result(session_factory, "1.2.3.4")
+    assert got is not None and got.flagged and got.probabilities["any"] == pytest.approx(0.9)
+    assert got.slices == (("1.2.3.4.0", 0.0, (0.9,) * 6),) and got.stored_at is not None
+    # Recomputed (e.g. after a late slice): replaced, one row.
+    store.store_result(session_factory, _result("1.2.3.4", 0.1))
+    again = store.get_result(session_factory, "1.2.3.4")
+    assert again is not None and not again.flagged
+    assert store.get_result(session_factory, "9.9.9") is None
+    with pytest.raises(ValueError, match="unknown series"):
+        store.store_result(session_factory, _result("9.9.9"))

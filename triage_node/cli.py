@@ -172,12 +172,16 @@ def _cmd_series(args: argparse.Namespace, config: Config) -> int:
     engine = store.make_engine(config.database.url)
     try:
         store.upgrade(config.database.url)
-        rows = store.list_series(store.make_session_factory(engine), limit=args.limit)
+        factory = store.make_session_factory(engine)
+        rows = store.list_series(factory, limit=args.limit)
+        results = {r.series_instance_uid: res for r in rows
+                   if (res := store.get_result(factory, r.series_instance_uid)) is not None}
     finally:
         engine.dispose()
     if args.json:
-        out = [
-            {
+        out = []
+        for r in rows:
+            item: dict[str, object] = {
                 "series_instance_uid": r.series_instance_uid,
                 "study_instance_uid": r.study_instance_uid,
                 "patient_id": r.patient_id,
@@ -191,9 +195,27 @@ def _cmd_series(args: argparse.Namespace, config: Config) -> int:
                 if r.first_received_at else None,
                 "last_received_at": r.last_received_at.isoformat()
                 if r.last_received_at else None,
+                "result": None,
             }
-            for r in rows
-        ]
+            result = results.get(r.series_instance_uid)
+            if result is not None:
+                item["result"] = {
+                    "probabilities": result.probabilities,
+                    "flagged": result.flagged,
+                    "threshold": result.threshold,
+                    "key_sop_instance_uid": result.key_sop_instance_uid,
+                    "slices": [{"sop_instance_uid": u, "position": p,
+                                "any": probs[0]} for u, p, probs in result.slices],
+                    "model": {"name": result.model_name, "version": result.model_version,
+                              "sha256": result.model_sha256},
+                    "inference_started_at": result.inference_started_at.isoformat(),
+                    "inference_done_at": result.inference_done_at.isoformat(),
+                    "stored_at": result.stored_at.isoformat() if result.stored_at else None,
+                    "time_to_result_seconds": (result.stored_at - r.last_received_at
+                                               ).total_seconds()
+                    if result.stored_at and r.last_received_at else None,
+                }
+            out.append(item)
         print(json.dumps(out, indent=2))
         return 0
     if not rows:

@@ -121,6 +121,28 @@ class SeriesSummary:
     last_received_at: dt.datetime | None
 
 
+@dataclass(frozen=True, slots=True)
+class SeriesResult:
+    """The classifier's result for one series, as stored.
+
+    ``slices`` are ``(sop_instance_uid, position_mm, probabilities in LABELS order)`` in
+    anatomical order; ``probabilities`` are the series' (max over slices).
+    """
+
+    series_instance_uid: str
+    probabilities: dict[str, float]
+    slices: tuple[tuple[str, float, tuple[float, ...]], ...]
+    key_sop_instance_uid: str
+    flagged: bool
+    threshold: float
+    model_name: str
+    model_version: str
+    model_sha256: str
+    inference_started_at: dt.datetime
+    inference_done_at: dt.datetime
+    stored_at: dt.datetime | None = None
+
+
 def slice_normal(orientation: Sequence[float]) -> tuple[float, float, float] | None:
     """Unit normal (row x column) of an ImageOrientationPatient, or None if degenerate."""
     if len(orientation) != 6:

@@ -22,26 +22,31 @@ from triage_node.store.db import (
     upgrade,
 )
 from triage_node.store.repository import (
+    claim_series,
     complete_series,
     count_instances,
     due_series,
     get_instance,
+    get_result,
     list_events,
     list_series,
     mark_release_hint,
     record_batch,
     record_events,
     series_instances,
+    store_result,
 )
 
 __all__ = [
     "alembic_config",
+    "claim_series",
     "complete_series",
     "count_instances",
     "current_revision",
     "default_sqlite_url",
     "due_series",
     "get_instance",
+    "get_result",
     "head_revision",
     "list_events",
     "list_series",
@@ -52,5 +57,6 @@ __all__ = [
     "record_events",
     "redact_url",
     "series_instances",
+    "store_result",
     "upgrade",
 ]

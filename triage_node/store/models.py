@@ -176,3 +176,23 @@ class Event(Base):
     study_instance_uid: Mapped[str | None] = mapped_column(sa.String(UID_LENGTH))
     series_instance_uid: Mapped[str | None] = mapped_column(sa.String(UID_LENGTH))
     sop_instance_uid: Mapped[str | None] = mapped_column(sa.String(UID_LENGTH))
+
+
+class SeriesResult(Base):
+    """The classifier's latest result for a series (replaced when it is recomputed)."""
+
+    __tablename__ = "series_result"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    series_fk: Mapped[int] = mapped_column(sa.ForeignKey("series.id"), unique=True)
+    probabilities: Mapped[dict[str, Any]] = mapped_column(sa.JSON)  # label -> p
+    slices: Mapped[list[Any]] = mapped_column(sa.JSON)  # [[sop uid, position, [p x 6]], ...]
+    key_sop_instance_uid: Mapped[str] = mapped_column(sa.String(UID_LENGTH))
+    flagged: Mapped[bool] = mapped_column(sa.Boolean)
+    threshold: Mapped[float] = mapped_column(sa.Float)
+    model_name: Mapped[str] = mapped_column(sa.String)
+    model_version: Mapped[str] = mapped_column(sa.String)
+    model_sha256: Mapped[str] = mapped_column(sa.String(64))
+    inference_started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    inference_done_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    stored_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())

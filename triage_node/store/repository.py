@@ -34,20 +34,29 @@ from triage_node.domain import (
     EventRecord,
     InstanceRecord,
     InstanceState,
+    SeriesResult,
     SeriesState,
     SeriesSummary,
     utcnow,
 )
 from triage_node.store.db import SQLITE_BEGIN_OPTION, database_errors
 from triage_node.store.models import UID_LENGTH, Event, Instance, Patient, Series, Study
+from triage_node.store.models import SeriesResult as SeriesResult_
 
 __all__ = [
+    "claim_series",
+    "complete_series",
     "count_instances",
+    "due_series",
     "get_instance",
+    "get_result",
     "list_events",
     "list_series",
+    "mark_release_hint",
     "record_batch",
     "record_events",
+    "series_instances",
+    "store_result",
 ]
 
 _PATIENT = cast(sa.Table, Patient.__table__)
@@ -55,6 +64,7 @@ _STUDY = cast(sa.Table, Study.__table__)
 _SERIES = cast(sa.Table, Series.__table__)
 _INSTANCE = cast(sa.Table, Instance.__table__)
 _EVENT = cast(sa.Table, Event.__table__)
+_RESULT = cast(sa.Table, SeriesResult_.__table__)
 
 # Multi-row INSERTs below are executemany() calls: SQLAlchemy's "insertmanyvalues" turns
 # them into multi-VALUES statements (RETURNING included) that are compiled once and cached,
@@ -922,3 +932,95 @@ def count_instances(
         )
     with _transaction(session_factory, "count instances", read_only=True) as session:
         return int(session.execute(stmt).scalar_one())
+
+
+def store_result(session_factory: sessionmaker[Session], result: SeriesResult) -> SeriesState:
+    """Store (or replace) a series' result; a queued/processing series becomes done.
+
+    Idempotent: storing the same series again replaces the row. A series reopened by a late
+    slice meanwhile keeps its state (receiving): its result will be recomputed.
+
+    Returns
+    -------
+    SeriesState
+        The series' state afterwards.
+    """
+    _check_uid(result.series_instance_uid, "series_instance_uid")
+    s, r = _SERIES.c, _RESULT.c
+    now = utcnow()
+    with _transaction(session_factory, "store a series result") as session:
+        row = session.execute(
+            sa.select(s.id, s.state).where(s.series_instance_uid == result.series_instance_uid)
+        ).one_or_none()
+        if row is None:
+            raise ValueError(f"unknown series {result.series_instance_uid!r}")
+        series_id, state = row
+        session.execute(sa.delete(_RESULT).where(r.series_fk == series_id))
+        session.execute(
+            sa.insert(_RESULT).values(
+                series_fk=series_id,
+                probabilities=dict(result.probabilities),
+                slices=[[uid, pos, list(p)] for uid, pos, p in result.slices],
+                key_sop_instance_uid=result.key_sop_instance_uid,
+                flagged=result.flagged,
+                threshold=result.threshold,
+                model_name=result.model_name,
+                model_version=result.model_version,
+                model_sha256=result.model_sha256,
+                inference_started_at=result.inference_started_at,
+                inference_done_at=result.inference_done_at,
+                stored_at=now,
+            )
+        )
+        if state in (SeriesState.QUEUED, SeriesState.PROCESSING):
+            session.execute(
+                sa.update(_SERIES).where(s.id == series_id).values(state=SeriesState.DONE.value)
+            )
+            return SeriesState.DONE
+        return SeriesState(state)
+
+
+def get_result(
+    session_factory: sessionmaker[Session], series_instance_uid: str
+) -> SeriesResult | None:
+    """The stored result of a series, or None."""
+    _check_uid(series_instance_uid, "series_instance_uid")
+    s, r = _SERIES.c, _RESULT.c
+    stmt = (
+        sa.select(_RESULT)
+        .select_from(_RESULT.join(_SERIES, s.id == r.series_fk))
+        .where(s.series_instance_uid == series_instance_uid)
+    )
+    with _transaction(session_factory, "read a series result", read_only=True) as session:
+        row = session.execute(stmt).one_or_none()
+    if row is None:
+        return None
+    return SeriesResult(
+        series_instance_uid=series_instance_uid,
+        probabilities={k: float(v) for k, v in row.probabilities.items()},
+        slices=tuple((str(u), float(p), tuple(float(x) for x in probs))
+                     for u, p, probs in row.slices),
+        key_sop_instance_uid=row.key_sop_instance_uid,
+        flagged=bool(row.flagged),
+        threshold=float(row.threshold),
+        model_name=row.model_name,
+        model_version=row.model_version,
+        model_sha256=row.model_sha256,
+        inference_started_at=row.inference_started_at,
+        inference_done_at=row.inference_done_at,
+        stored_at=row.stored_at,
+    )
+
+
+def claim_series(session_factory: sessionmaker[Session], series_instance_uid: str) -> bool:
+    """Mark a queued series as processing; False if it is not queued (any more)."""
+    s = _SERIES.c
+    stmt = (
+        sa.update(_SERIES)
+        .where(s.series_instance_uid == series_instance_uid,
+               s.state.in_([SeriesState.QUEUED.value, SeriesState.PROCESSING.value]))
+        .values(state=SeriesState.PROCESSING.value)
+    )
+    with _transaction(session_factory, "claim a series") as session:
+        result = cast(sa.CursorResult[Any], session.execute(stmt))
+        return bool(result.rowcount)
