@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from triage_node.domain import (
     SeriesState,
     utcnow,
 )
-from triage_node.series import assemble_due, not_selected_reason, order_slices
+from triage_node.series import Decision, assemble_due, not_selected_reason, order_slices
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -206,10 +207,14 @@ def test_scp_release_hint_end_to_end(tmp_path: Path) -> None:
         assert out.stderr.count("(Success)") == 12, out.stderr[-1000:]
         engine = store.make_engine(node.database_url)
         factory = store.make_session_factory(engine)
-        released = utcnow()
-        # 60 s stable time; the hint makes it due 2 s after release.
-        decided = assemble_due(factory, TriageConfig(),
-                               now=released + dt.timedelta(seconds=5))
+        # 60 s stable time; the hint (written as the association closes, possibly just after
+        # storescu returns) makes it due 2 s after release: look 5 s ahead, poll briefly.
+        decided: list[Decision] = []
+        deadline = time.monotonic() + 10
+        while not decided and time.monotonic() < deadline:
+            decided = assemble_due(factory, TriageConfig(),
+                                   now=utcnow() + dt.timedelta(seconds=5))
+            time.sleep(0.05)
         assert [(d.series_instance_uid, d.selected) for d in decided] == [
             (truth.series_uid, True)]
         engine.dispose()
