@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("scp", parents=[common], help="run the DICOM Storage SCP")
     listener(p)
 
+    p = sub.add_parser("worker", parents=[common],
+                       help="run a classification worker (and the series assembler)")
+    p.add_argument("--data-dir", type=Path, help="data directory (spool and SQLite)")
+    p.add_argument("--no-assembler", action="store_true",
+                   help="only classify; another process decides complete series")
+
     p = sub.add_parser("db", parents=[common], help="database maintenance")
     dbsub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     dbsub.add_parser("upgrade", parents=[common], help="apply schema migrations (idempotent)")
@@ -121,6 +127,27 @@ def _cmd_scp(config: Config) -> int:
 
     _log_effective(config)
     return run_scp(config)
+
+
+def _cmd_worker(args: argparse.Namespace, config: Config) -> int:
+    import threading
+
+    from triage_node import store, tasks
+
+    _log_effective(config)
+    store.upgrade(config.database.url)
+    app = tasks.make_celery(config)
+    stop = threading.Event()
+    if not args.no_assembler:
+        threading.Thread(target=tasks.run_assembler, args=(config, app, stop),
+                         name="assembler", daemon=True).start()
+    try:
+        app.worker_main(["worker", "--pool=solo", "--concurrency=1", "--without-gossip",
+                         "--without-mingle", f"--loglevel={config.logging.level}",
+                         "-n", "triage@%h"])
+    finally:
+        stop.set()
+    return 0
 
 
 def _cmd_db(args: argparse.Namespace, config: Config) -> int:
@@ -274,6 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in ("scp", "serve"):
             return _cmd_scp(config)
+        if args.command == "worker":
+            return _cmd_worker(args, config)
         if args.command == "db":
             return _cmd_db(args, config)
         if args.command == "send":

@@ -33,6 +33,7 @@ from triage_node.store.repository import (
     mark_release_hint,
     record_batch,
     record_events,
+    series_in_states,
     series_instances,
     store_result,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "record_batch",
     "record_events",
     "redact_url",
+    "series_in_states",
     "series_instances",
     "store_result",
     "upgrade",

@@ -55,6 +55,7 @@ __all__ = [
     "mark_release_hint",
     "record_batch",
     "record_events",
+    "series_in_states",
     "series_instances",
     "store_result",
 ]
@@ -1024,3 +1025,13 @@ def claim_series(session_factory: sessionmaker[Session], series_instance_uid: st
     with _transaction(session_factory, "claim a series") as session:
         result = cast(sa.CursorResult[Any], session.execute(stmt))
         return bool(result.rowcount)
+
+
+def series_in_states(session_factory: sessionmaker[Session],
+                     states: Collection[str]) -> list[str]:
+    """Series Instance UIDs of the series in any of ``states``, oldest activity first."""
+    s = _SERIES.c
+    stmt = (sa.select(s.series_instance_uid).where(s.state.in_(sorted(states)))
+            .order_by(s.last_received_at))
+    with _transaction(session_factory, "list series by state", read_only=True) as session:
+        return list(session.execute(stmt).scalars())

@@ -1,0 +1,94 @@
+"""storescu -> SCP -> broker -> worker subprocess -> result in the database (real processes)."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from nodeproc import DCMTK, running_node, storescu
+
+from triage_node import store
+from triage_node.domain import SeriesState
+from triage_node.model import random_artifact
+from triage_node.phantom import generate_study
+from triage_node.preprocess import PreprocessSpec
+
+pytestmark = pytest.mark.skipif(not (DCMTK / "storescu").exists(), reason="dcmtk not installed")
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A Redis database of its own, empty before and after (real Redis at 127.0.0.1)."""
+    redis = pytest.importorskip("redis")
+    db = random.Random().randrange(1, 16)
+    client = redis.Redis(host="127.0.0.1", port=6379, db=db)
+    try:
+        client.flushdb()
+    except redis.exceptions.ConnectionError as exc:
+        pytest.skip(f"Redis at 127.0.0.1:6379 unreachable: {exc}")
+    yield f"redis://127.0.0.1:6379/{db}"
+    client.flushdb()
+
+
+def _model(tmp_path: Path) -> Path:
+    spec = PreprocessSpec(size=64)
+    path = tmp_path / "model.tnm"
+    random_artifact(path, architecture="resnet18", preprocess=spec.to_dict(),
+                    in_channels=spec.channels, seed=3)
+    return path
+
+
+def _run(tmp_path: Path, broker: str) -> None:
+    truth = generate_study(tmp_path / "ph", seed=21, n_slices=12, rows=96, cols=96)
+    extra = (f'[queue]\nbroker_url = "{broker}"\n[model]\npath = "{_model(tmp_path)}"\n'
+             '[triage]\nrelease_settle_seconds = 0.5\n')
+    with running_node(tmp_path, extra=extra) as node:
+        log = (tmp_path / "worker.log").open("wb")
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "triage_node.cli", "worker", "--config", str(node.config)],
+            stdout=log, stderr=subprocess.STDOUT)
+        try:
+            out = storescu(node.port, [s.path for s in truth.slices])
+            assert out.stderr.count("(Success)") == 12
+            engine = store.make_engine(node.database_url)
+            factory = store.make_session_factory(engine)
+            deadline = time.monotonic() + 90
+            result = None
+            while result is None and time.monotonic() < deadline:
+                assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+                result = store.get_result(factory, truth.series_uid)
+                time.sleep(0.2)
+            assert result is not None, (tmp_path / "worker.log").read_text()[-3000:]
+            assert len(result.slices) == 12
+            assert store.list_series(factory)[0].state is SeriesState.DONE
+            engine.dispose()
+        finally:
+            worker.terminate()
+            worker.wait(60)
+            log.close()
+
+
+def test_end_to_end_with_redis(tmp_path: Path, redis_url: str) -> None:
+    _run(tmp_path, redis_url)
+
+
+def test_end_to_end_embedded_transport(tmp_path: Path) -> None:
+    """No Redis: kombu's durable SQLite transport (the embedded default) carries the task."""
+    _run(tmp_path, f"sqla+sqlite:///{tmp_path / 'queue.db'}")
+    assert (tmp_path / "queue.db").is_file()
+
+
+def test_embedded_transport_is_the_default(tmp_path: Path) -> None:
+    from triage_node.config import load_config
+    from triage_node.tasks import broker_url, make_celery
+
+    cfg = load_config(None, env={"TRIAGE_NODE_DATA_DIR": str(tmp_path / "data")})
+    assert broker_url(cfg) == f"sqla+sqlite:///{tmp_path / 'data' / 'queue.db'}"
+    app = make_celery(cfg)
+    assert app.conf.task_acks_late and app.conf.task_reject_on_worker_lost
+    assert (tmp_path / "data").is_dir()

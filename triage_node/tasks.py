@@ -1,0 +1,122 @@
+"""The queue: Celery tasks, the producer side, and the series assembler loop.
+
+Broker: ``[queue] broker_url`` (Redis in production). Empty means the embedded durable
+transport: kombu's SQLAlchemy transport on ``<data_dir>/queue.db``, so queued work survives a
+restart without a Redis server.
+
+Tasks take a Series Instance UID and are idempotent (:func:`triage_node.classify.classify_series`
+claims the series first), which is what makes ``acks_late`` with ``reject_on_worker_lost``
+safe: a task redelivered after a worker died classifies the series again and replaces the
+result, never doubles it.
+
+Importing this module does not import torch: the worker loads the model on its first task.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from functools import cache
+from typing import Any
+
+from celery import Celery
+
+from triage_node import store
+from triage_node.config import Config
+from triage_node.series import assemble_due
+from triage_node.spool import Spool
+
+log = logging.getLogger(__name__)
+
+CLASSIFY_TASK = "triage_node.classify_series"
+
+
+def broker_url(config: Config) -> str:
+    """The effective broker URL (the embedded SQLite transport when none is configured)."""
+    return config.queue.broker_url or f"sqla+sqlite:///{config.data_dir / 'queue.db'}"
+
+
+def make_celery(config: Config) -> Celery:
+    """A Celery app for ``config``, with the classify task registered."""
+    url = broker_url(config)
+    if not config.queue.broker_url:
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+    app = Celery("triage_node", broker=url, set_as_current=False)
+    if url.startswith(("redis://", "rediss://")):
+        # A task not acknowledged within this long (worker gone) is delivered again.
+        app.conf.broker_transport_options = {"visibility_timeout": 3600}
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        worker_prefetch_multiplier=1,
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
+
+    @app.task(name=CLASSIFY_TASK, bind=True, max_retries=5, acks_late=True,
+              reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
+    def classify(self: Any, series_instance_uid: str) -> bool:
+        from triage_node.classify import classify_series
+        from triage_node.errors import DatabaseError
+
+        ctx = _worker_context(config)
+        try:
+            return classify_series(ctx.factory, ctx.spool, ctx.predictor,
+                                   series_instance_uid) is not None
+        except DatabaseError as exc:  # the database may be back soon: retry with backoff
+            raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries)) from exc
+
+    return app
+
+
+class _WorkerContext:
+    """What one worker process builds once: engine, spool, and the loaded model."""
+
+    def __init__(self, config: Config) -> None:
+        from triage_node.model import DEFAULT_ARCHITECTURE
+        from triage_node.pipeline import Predictor
+
+        self.factory = store.make_session_factory(store.make_engine(config.database.url))
+        self.spool = Spool(config.storage.path)
+        if not config.model.path:
+            raise RuntimeError(
+                "no model: set [model] path (training lands with `triage-node train`; "
+                f"architecture default {DEFAULT_ARCHITECTURE})"
+            )
+        self.predictor = Predictor.from_path(config.model.path, device=config.model.device)
+        log.info("worker loaded model %s (%s)", config.model.path,
+                 self.predictor.model.meta.version)
+
+
+@cache
+def _worker_context(config: Config) -> _WorkerContext:
+    return _WorkerContext(config)
+
+
+def enqueue(app: Celery, series_instance_uid: str) -> None:
+    """Queue a series for classification (durably, in the broker)."""
+    app.send_task(CLASSIFY_TASK, args=[series_instance_uid])
+
+
+def run_assembler(config: Config, app: Celery, stop: threading.Event,
+                  interval: float = 0.5) -> None:
+    """Decide complete series every ``interval`` s and queue the selected ones, until ``stop``.
+
+    At start it re-queues series left ``queued`` or ``processing`` (a crash between deciding
+    and queuing, or a lost task): tasks are idempotent, so a duplicate costs only time.
+    """
+    factory = store.make_session_factory(store.make_engine(config.database.url))
+    for uid in store.series_in_states(factory, ("queued", "processing")):
+        log.info("re-queuing series %s left from before", uid)
+        enqueue(app, uid)
+    while not stop.is_set():
+        try:
+            for decision in assemble_due(factory, config.triage):
+                if decision.selected:
+                    enqueue(app, decision.series_instance_uid)
+        except Exception:  # keep assembling: one bad series or a database blip is logged
+            log.exception("series assembly failed; retrying")
+        stop.wait(interval)
