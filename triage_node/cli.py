@@ -137,6 +137,10 @@ def _cmd_worker(args: argparse.Namespace, config: Config) -> int:
     _log_effective(config)
     store.upgrade(config.database.url)
     app = tasks.make_celery(config)
+    if config.model.path:
+        tasks.warm_up(config)  # the solo pool runs tasks in this process: load the model once
+    else:
+        log.warning("no [model] path: series will wait, queued, until a model is configured")
     stop = threading.Event()
     if not args.no_assembler:
         threading.Thread(target=tasks.run_assembler, args=(config, app, stop),

@@ -96,6 +96,11 @@ def _worker_context(config: Config) -> _WorkerContext:
     return _WorkerContext(config)
 
 
+def warm_up(config: Config) -> None:
+    """Load the model now (at worker start), not on the first series."""
+    _worker_context(config)
+
+
 def enqueue(app: Celery, series_instance_uid: str) -> None:
     """Queue a series for classification (durably, in the broker)."""
     app.send_task(CLASSIFY_TASK, args=[series_instance_uid])

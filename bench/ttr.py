@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Time to result: association release -> series result in the database.
+
+Usage::
+
+    .venv/bin/python bench/ttr.py [--series 10] [--slices 40] [--broker redis://127.0.0.1:6379/15]
+
+Starts ``triage-node scp`` and ``triage-node worker`` (real processes, default settings but
+the broker) with an untrained EfficientNet-B0 artifact (inference cost is what matters, not
+accuracy), sends ``--series`` phantom series one after another with dcmtk ``storescu``, and
+for each measures from storescu's exit (association released) to the result row. Prints
+p50/p95 and the worker's slices/s. Default broker: the embedded SQLite transport. Stops by
+itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from nodeproc import running_node, storescu  # noqa: E402
+
+from triage_node import store  # noqa: E402
+from triage_node.model import random_artifact  # noqa: E402
+from triage_node.phantom import generate_study  # noqa: E402
+from triage_node.preprocess import PreprocessSpec  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--series", type=int, default=10)
+    ap.add_argument("--slices", type=int, default=40)
+    ap.add_argument("--broker", default="", help="default: embedded SQLite transport")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="triage-ttr-"))
+    spec = PreprocessSpec()
+    random_artifact(work / "model.tnm", preprocess=spec.to_dict(), in_channels=spec.channels)
+    broker = args.broker or f"sqla+sqlite:///{work / 'queue.db'}"
+    studies = [generate_study(work / "in" / str(i), seed=100 + i, n_slices=args.slices)
+               for i in range(args.series)]
+    extra = f'[queue]\nbroker_url = "{broker}"\n[model]\npath = "{work / "model.tnm"}"\n'
+    ttr, inference = [], []
+    with running_node(work, extra=extra) as node:
+        log = (work / "worker.log").open("wb")
+        worker = subprocess.Popen([sys.executable, "-m", "triage_node.cli", "worker",
+                                   "--config", str(node.config), "--log-level", "WARNING"],
+                                  stdout=log, stderr=subprocess.STDOUT)
+        factory = store.make_session_factory(store.make_engine(node.database_url))
+        try:
+            for truth in studies:
+                out = storescu(node.port, [s.path for s in truth.slices])
+                released = time.monotonic()
+                if out.returncode != 0:
+                    raise RuntimeError(out.stderr[-1000:])
+                deadline = released + 300
+                result = None
+                while result is None and time.monotonic() < deadline:
+                    if worker.poll() is not None:
+                        raise RuntimeError((work / "worker.log").read_text()[-3000:])
+                    result = store.get_result(factory, truth.series_uid)
+                    if result is None:
+                        time.sleep(0.02)
+                if result is None:
+                    raise RuntimeError("no result within 300 s")
+                ttr.append(time.monotonic() - released)
+                inference.append((result.inference_done_at - result.inference_started_at
+                                  ).total_seconds())
+        finally:
+            worker.terminate()
+            worker.wait(60)
+            log.close()
+
+    q = statistics.quantiles(ttr, n=20) if len(ttr) > 1 else ttr * 19
+    print(f"\ntime to result, {args.series} series x {args.slices} slices, efficientnet-b0 "
+          f"256x256 (untrained), CPU, {os.cpu_count()} cores, broker "
+          f"{'redis' if broker.startswith('redis') else 'embedded SQLite'}")
+    print(f"command: python {' '.join(sys.argv)}")
+    print("measure                                      | value")
+    print("---------------------------------------------|------")
+    print(f"release -> result, p50 (s)                   | {statistics.median(ttr):.2f}")
+    print(f"release -> result, p95 (s)                   | {q[18]:.2f}")
+    print(f"inference per series, median (s)             | {statistics.median(inference):.2f}")
+    print(f"worker slices/s (inference only)             | "
+          f"{args.slices / statistics.median(inference):.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
