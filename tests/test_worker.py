@@ -92,3 +92,36 @@ def test_embedded_transport_is_the_default(tmp_path: Path) -> None:
     app = make_celery(cfg)
     assert app.conf.task_acks_late and app.conf.task_reject_on_worker_lost
     assert (tmp_path / "data").is_dir()
+
+
+def test_series_left_queued_is_picked_up_by_a_new_worker(tmp_path: Path, redis_url: str) -> None:
+    """Decided but never queued (a crash in between): the next worker's assembler re-queues."""
+    import datetime as dt
+
+    from triage_node.config import TriageConfig
+    from triage_node.domain import utcnow
+    from triage_node.series import assemble_due
+
+    truth = generate_study(tmp_path / "ph", seed=22, n_slices=12, rows=96, cols=96)
+    extra = f'[queue]\nbroker_url = "{redis_url}"\n[model]\npath = "{_model(tmp_path)}"\n'
+    with running_node(tmp_path, extra=extra) as node:
+        assert storescu(node.port, [s.path for s in truth.slices]).returncode == 0
+        engine = store.make_engine(node.database_url)
+        factory = store.make_session_factory(engine)
+        decided = assemble_due(factory, TriageConfig(), now=utcnow() + dt.timedelta(minutes=5))
+        assert [d.selected for d in decided] == [True]  # queued in the database, no task sent
+        with (tmp_path / "worker.log").open("wb") as log:
+            worker = subprocess.Popen([sys.executable, "-m", "triage_node.cli", "worker",
+                                       "--config", str(node.config)],
+                                      stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 90
+            while store.get_result(factory, truth.series_uid) is None:
+                assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-2000:]
+                assert worker.poll() is None
+                time.sleep(0.2)
+            assert "re-queuing series" in (tmp_path / "worker.log").read_text()
+        finally:
+            worker.terminate()
+            worker.wait(60)
+        engine.dispose()
