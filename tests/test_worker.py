@@ -125,3 +125,42 @@ def test_series_left_queued_is_picked_up_by_a_new_worker(tmp_path: Path, redis_u
             worker.terminate()
             worker.wait(60)
         engine.dispose()
+
+
+def test_two_workers_share_the_work_once(tmp_path: Path, redis_url: str) -> None:
+    """Two worker processes (each with an assembler) against one Redis and one database:
+    every series is decided once, queued once and classified once."""
+    studies = [generate_study(tmp_path / f"ph{i}", seed=30 + i, n_slices=10, rows=96, cols=96)
+               for i in range(4)]
+    extra = (f'[queue]\nbroker_url = "{redis_url}"\n[model]\npath = "{_model(tmp_path)}"\n'
+             '[triage]\nrelease_settle_seconds = 0.5\nmin_slices = 5\n')
+    with running_node(tmp_path, extra=extra) as node:
+        logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+        workers = []
+        for path in logs:
+            with path.open("wb") as fh:
+                workers.append(subprocess.Popen(
+                    [sys.executable, "-m", "triage_node.cli", "worker", "--config",
+                     str(node.config)], stdout=fh, stderr=subprocess.STDOUT))
+        engine = store.make_engine(node.database_url)
+        factory = store.make_session_factory(engine)
+        try:
+            for truth in studies:
+                assert storescu(node.port, [s.path for s in truth.slices]).returncode == 0
+            deadline = time.monotonic() + 120
+            while not all(store.get_result(factory, t.series_uid) for t in studies):
+                assert time.monotonic() < deadline, "\n".join(p.read_text()[-1500:] for p in logs)
+                assert all(w.poll() is None for w in workers)
+                time.sleep(0.2)
+            time.sleep(1.0)  # let a duplicate, if any, show up in the logs
+        finally:
+            for w in workers:
+                w.terminate()
+            for w in workers:
+                w.wait(60)
+        text = "".join(p.read_text() for p in logs)
+        assert text.count("classified: any=") == len(studies), text[-3000:]
+        assert text.count("complete (") == len(studies)
+        per_worker = [p.read_text().count("classified: any=") for p in logs]
+        engine.dispose()
+    print("series classified per worker:", per_worker)
