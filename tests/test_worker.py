@@ -164,3 +164,39 @@ def test_two_workers_share_the_work_once(tmp_path: Path, redis_url: str) -> None
         per_worker = [p.read_text().count("classified: any=") for p in logs]
         engine.dispose()
     print("series classified per worker:", per_worker)
+
+
+def test_serve_runs_scp_and_worker_with_no_redis(tmp_path: Path) -> None:
+    """`triage-node serve`: one command, embedded transport, slices in -> result out; SIGTERM
+    stops every process and exits 0."""
+    truth = generate_study(tmp_path / "ph", seed=40, n_slices=12, rows=96, cols=96)
+    extra = (f'[queue]\nbroker_url = "sqla+sqlite:///{tmp_path / "queue.db"}"\n'
+             f'[model]\npath = "{_model(tmp_path)}"\n[triage]\nrelease_settle_seconds = 0.5\n')
+    with running_node(tmp_path, extra=extra, command="serve") as node:
+        assert storescu(node.port, [s.path for s in truth.slices]).returncode == 0
+        engine = store.make_engine(node.database_url)
+        factory = store.make_session_factory(engine)
+        deadline = time.monotonic() + 90
+        while store.get_result(factory, truth.series_uid) is None:
+            assert time.monotonic() < deadline, node.log_text()[-3000:]
+            assert node.proc.poll() is None, node.log_text()[-3000:]
+            time.sleep(0.2)
+        engine.dispose()
+        assert node.stop() == 0, node.log_text()[-3000:]
+
+
+def test_serve_without_a_model_assembles_and_queues(tmp_path: Path) -> None:
+    truth = generate_study(tmp_path / "ph", seed=41, n_slices=12, rows=96, cols=96)
+    extra = (f'[queue]\nbroker_url = "sqla+sqlite:///{tmp_path / "queue.db"}"\n'
+             '[triage]\nrelease_settle_seconds = 0.5\n')
+    with running_node(tmp_path, extra=extra, command="serve") as node:
+        assert storescu(node.port, [s.path for s in truth.slices]).returncode == 0
+        engine = store.make_engine(node.database_url)
+        factory = store.make_session_factory(engine)
+        deadline = time.monotonic() + 60
+        while store.list_series(factory)[0].state is not SeriesState.QUEUED:
+            assert time.monotonic() < deadline, node.log_text()[-3000:]
+            time.sleep(0.2)
+        assert "no [model] path" in node.log_text()
+        engine.dispose()
+        assert node.stop() == 0

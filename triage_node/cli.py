@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--data-dir", type=Path, help="data directory (spool and SQLite)")
 
     p = sub.add_parser("serve", parents=[common],
-                       help="run everything one machine needs (for now: the Storage SCP)")
+                       help="run everything one machine needs: the Storage SCP and a worker")
     listener(p)
     p = sub.add_parser("scp", parents=[common], help="run the DICOM Storage SCP")
     listener(p)
@@ -130,28 +130,19 @@ def _cmd_scp(config: Config) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace, config: Config) -> int:
-    import threading
-
-    from triage_node import store, tasks
+    from triage_node import tasks
 
     _log_effective(config)
-    store.upgrade(config.database.url)
-    app = tasks.make_celery(config)
-    if config.model.path:
-        tasks.warm_up(config)  # the solo pool runs tasks in this process: load the model once
-    else:
-        log.warning("no [model] path: series will wait, queued, until a model is configured")
-    stop = threading.Event()
-    if not args.no_assembler:
-        threading.Thread(target=tasks.run_assembler, args=(config, app, stop),
-                         name="assembler", daemon=True).start()
-    try:
-        app.worker_main(["worker", "--pool=solo", "--concurrency=1", "--without-gossip",
-                         "--without-mingle", f"--loglevel={config.logging.level}",
-                         "-n", "triage@%h"])
-    finally:
-        stop.set()
+    tasks.worker_main(config, assembler=not args.no_assembler)
     return 0
+
+
+def _cmd_serve(config: Config) -> int:
+    from triage_node import tasks
+    from triage_node.scp import run_scp
+
+    _log_effective(config)
+    return run_scp(config, extra_children=[("worker", tasks.worker_main)])
 
 
 def _cmd_db(args: argparse.Namespace, config: Config) -> int:
@@ -303,8 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     setup_logging(config.logging.level, json_lines=config.logging.json)
     try:
-        if args.command in ("scp", "serve"):
+        if args.command == "scp":
             return _cmd_scp(config)
+        if args.command == "serve":
+            return _cmd_serve(config)
         if args.command == "worker":
             return _cmd_worker(args, config)
         if args.command == "db":

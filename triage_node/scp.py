@@ -32,7 +32,7 @@ import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -520,7 +520,8 @@ def prepare(config: Config) -> None:
         log.info("removed %d unacknowledged partial file(s) from %s", stale, spool.incoming)
 
 
-def run_scp(config: Config, *, on_ready: Callable[[int], None] | None = None) -> int:
+def run_scp(config: Config, *, on_ready: Callable[[int], None] | None = None,
+            extra_children: Sequence[tuple[str, Callable[[Config], None]]] = ()) -> int:
     """Run the SCP until SIGTERM/SIGINT; returns the process exit code (0 on clean stop).
 
     Parameters
@@ -529,12 +530,15 @@ def run_scp(config: Config, *, on_ready: Callable[[int], None] | None = None) ->
         Effective configuration.
     on_ready : callable, optional
         Called with the bound port once the receivers have been started.
+    extra_children : sequence of (name, function), optional
+        Further processes to run and supervise beside the receivers (``serve`` adds the
+        worker); each function gets the config and runs until SIGTERM.
     """
     prepare(config)
     n = config.dicom.effective_processes
     holder = _reserve_port(config.dicom.host, config.dicom.port)
     port = int(holder.getsockname()[1])
-    if n == 1:
+    if n == 1 and not extra_children:
         holder.close()
         _run_single(config, port, on_ready)
         return 0
@@ -545,9 +549,12 @@ def run_scp(config: Config, *, on_ready: Callable[[int], None] | None = None) ->
     ctx = multiprocessing.get_context("spawn")
     per_process = -(-config.dicom.max_associations // n)
     child_config = _with_max_associations(config, per_process)
+    specs: list[tuple[str, Callable[..., None], tuple[Any, ...]]] = [
+        (f"scp-{i}", _child_main, (child_config, port, i)) for i in range(n)
+    ] + [(name, fn, (config,)) for name, fn in extra_children]
     procs: list[Any] = []
-    for i in range(n):
-        p = ctx.Process(target=_child_main, args=(child_config, port, i), name=f"scp-{i}")
+    for name, target, child_args in specs:
+        p = ctx.Process(target=target, args=child_args, name=name)
         p.start()
         procs.append(p)
     log.info("%s listening on %s:%d with %d receiving processes", config.dicom.ae_title,
@@ -559,13 +566,13 @@ def run_scp(config: Config, *, on_ready: Callable[[int], None] | None = None) ->
         for i, p in enumerate(procs):
             if not p.is_alive() and not stop.is_set():
                 restarts += 1
-                log.error("receiver %d exited with %s; restarting (restart #%d)", i, p.exitcode,
+                name, target, child_args = specs[i]
+                log.error("%s exited with %s; restarting (restart #%d)", name, p.exitcode,
                           restarts)
                 time.sleep(min(5.0, 0.2 * restarts))
-                procs[i] = ctx.Process(target=_child_main, args=(child_config, port, i),
-                                       name=f"scp-{i}")
+                procs[i] = ctx.Process(target=target, args=child_args, name=name)
                 procs[i].start()
-    log.info("stopping %d receiving processes", len(procs))
+    log.info("stopping %d processes", len(procs))
     for p in procs:
         if p.is_alive() and p.pid:
             os.kill(p.pid, signal.SIGTERM)

@@ -125,3 +125,36 @@ def run_assembler(config: Config, app: Celery, stop: threading.Event,
         except Exception:  # keep assembling: one bad series or a database blip is logged
             log.exception("series assembly failed; retrying")
         stop.wait(interval)
+
+
+def worker_main(config: Config, *, assembler: bool = True) -> None:
+    """Run a worker process until SIGTERM: the series assembler and a Celery worker.
+
+    Without ``[model] path`` only the assembler runs: series are decided and queued (in the
+    broker, durably) and wait there until a worker with a model consumes them.
+    """
+    import signal
+
+    from triage_node.logs import setup_logging
+
+    setup_logging(config.logging.level, json_lines=config.logging.json)
+    store.upgrade(config.database.url)
+    app = make_celery(config)
+    stop = threading.Event()
+    if assembler:
+        threading.Thread(target=run_assembler, args=(config, app, stop), name="assembler",
+                         daemon=True).start()
+    if not config.model.path:
+        log.warning("no [model] path: series are assembled and queued, not classified, until "
+                    "a worker with a model runs")
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        stop.wait()
+        return
+    warm_up(config)  # the solo pool runs tasks in this process: load the model once, now
+    try:
+        app.worker_main(["worker", "--pool=solo", "--concurrency=1", "--without-gossip",
+                         "--without-mingle", f"--loglevel={config.logging.level}",
+                         "-n", "triage@%h"])
+    finally:
+        stop.set()
