@@ -23,6 +23,7 @@ from celery import Celery
 
 from triage_node import store
 from triage_node.config import Config
+from triage_node.domain import SeriesState
 from triage_node.series import assemble_due
 from triage_node.spool import Spool
 
@@ -114,7 +115,8 @@ def run_assembler(config: Config, app: Celery, stop: threading.Event,
     and queuing, or a lost task): tasks are idempotent, so a duplicate costs only time.
     """
     factory = store.make_session_factory(store.make_engine(config.database.url))
-    for uid in store.series_in_states(factory, ("queued", "processing")):
+    left = (SeriesState.QUEUED.value, SeriesState.PROCESSING.value)
+    for uid in store.series_in_states(factory, left):
         log.info("re-queuing series %s left from before", uid)
         enqueue(app, uid)
     while not stop.is_set():
