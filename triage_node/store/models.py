@@ -196,3 +196,23 @@ class SeriesResult(Base):
     inference_started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     inference_done_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     stored_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class SlicePrediction(Base):
+    """One slice's probabilities under one model and one 2.5D neighbourhood.
+
+    Computed in batches while the series arrives, so that little is left to do when it
+    completes. ``neighbours`` is a digest of the SOP Instance UIDs whose pixels went into the
+    input (the slice and its 2.5D context, in order): when a late slice changes a slice's
+    neighbours, its cached prediction no longer matches and is recomputed.
+    """
+
+    __tablename__ = "slice_prediction"
+    __table_args__ = (sa.UniqueConstraint("instance_fk", "model_sha256", "neighbours"),)
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    instance_fk: Mapped[int] = mapped_column(sa.ForeignKey("instance.id"))
+    model_sha256: Mapped[str] = mapped_column(sa.String(64))
+    neighbours: Mapped[str] = mapped_column(sa.String(64))
+    probabilities: Mapped[list[float]] = mapped_column(sa.JSON)  # in domain.LABELS order
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
