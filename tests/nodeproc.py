@@ -62,8 +62,10 @@ class NodeProc:
 
 def write_config(
     path: Path, *, port: int, spool: Path, database_url: str, processes: int = 1, extra: str = "",
-    min_free_mb: int = 0,
+    min_free_mb: int = 0, storage_extra: str = "",
 ) -> Path:
+    """A node config; ``extra`` goes after ``[dicom]`` (may open tables of its own),
+    ``storage_extra`` into ``[storage]``."""
     path.write_text(
         f"""
 [dicom]
@@ -74,6 +76,7 @@ processes = {processes}
 [storage]
 path = "{spool}"
 min_free_mb = {min_free_mb}
+{storage_extra}
 [database]
 url = "{database_url}"
 [logging]
@@ -93,6 +96,7 @@ def running_node(
     command: str = "scp",
     spool: Path | None = None,
     min_free_mb: int = 0,
+    storage_extra: str = "",
 ) -> Iterator[NodeProc]:
     """Start ``triage-node <command>`` as a subprocess and stop it afterwards."""
     port = free_port()
@@ -106,6 +110,7 @@ def running_node(
         processes=processes,
         extra=extra,
         min_free_mb=min_free_mb,
+        storage_extra=storage_extra,
     )
     log = tmp_path / "node.log"
     with log.open("wb") as fh:

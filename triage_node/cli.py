@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -98,8 +99,115 @@ def _parser() -> argparse.ArgumentParser:
     mi.add_argument("path", type=Path, metavar="PATH")
     mi.add_argument("--json", action="store_true", help="JSON output")
 
+    _add_train_commands(sub, common)
+
     p = sub.add_parser("config", parents=[common], help="print the effective configuration")
     return parser
+
+
+def _window(value: str) -> tuple[float, float]:
+    center, sep, width = value.partition("/")
+    try:
+        c, w = float(center), float(width)
+    except ValueError:
+        c = w = math.nan
+    if not sep or not (math.isfinite(c) and math.isfinite(w) and w > 0):
+        raise argparse.ArgumentTypeError(f"expected CENTER/WIDTH in HU (e.g. 40/80), got {value!r}")
+    return c, w
+
+
+def _add_train_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                        common: argparse.ArgumentParser) -> None:
+    """``train`` and ``evaluate`` (their code lives in the top-level ``train`` package)."""
+    def data_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data", required=True, type=Path, metavar="DIR",
+                       help="folder of the DICOM slices, searched recursively (RSNA: the "
+                            "stage_2_train folder of ID_<id>.dcm; generic CSV: the folder its "
+                            "relative paths start from)")
+        p.add_argument("--labels", required=True, type=Path, metavar="CSV",
+                       help="RSNA stage_2_train.csv (ID_<id>_<label>,Label) or a generic CSV "
+                            "with a 'path' column and the columns any, epidural, "
+                            "intraparenchymal, intraventricular, subarachnoid, subdural")
+        p.add_argument("--label-format", choices=["auto", "rsna", "generic"], default="auto",
+                       help="format of --labels (default: from its header)")
+        p.add_argument("--cache-dir", type=Path, metavar="DIR",
+                       help="persistent cache of preprocessed series (float16 .npy per series)")
+        p.add_argument("--index", type=Path, metavar="FILE",
+                       help="DICOM header index (default CACHE_DIR/index.csv); headers are read "
+                            "once and only new or changed files again")
+        p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), metavar="N",
+                       help="worker processes for header reading, preprocessing and data "
+                            "loading; 0 = in the main process (default: min(8, cores))")
+        p.add_argument("--device", default="auto",
+                       help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser(
+        "train", parents=[common], help="train a model artifact on labelled head CT",
+        description="Train the ICH classifier and write a model artifact. Splits by patient "
+                    "(multilabel-stratified), caches preprocessed slices, trains with AdamW "
+                    "(warm-up + cosine), the RSNA weighted log loss and augmentations, keeps a "
+                    "checkpoint every epoch in --work-dir (continue with --resume), stops early "
+                    "on the validation weighted log loss and stores the threshold of 'any' for "
+                    "--target-sensitivity. The same command and --seed reproduce the model.")
+    data_options(p)
+    p.add_argument("--work-dir", required=True, type=Path, metavar="DIR",
+                   help="checkpoint.pt, best.pt, metrics.jsonl (one JSON line per epoch) and "
+                        "by default the cache and the artifact")
+    p.add_argument("--out", type=Path, metavar="FILE",
+                   help="artifact to write (default WORK_DIR/model.tnm)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from WORK_DIR/checkpoint.pt (same data and training settings; "
+                        "--epochs and --patience may change)")
+    p.add_argument("--architecture", default="efficientnet-b0",
+                   help="network: efficientnet-b0 (default), densenet121, resnet18, resnet34, "
+                        "resnet50 or small-cnn (tiny; CPU tests and the demo model)")
+    p.add_argument("--size", type=int, default=256, metavar="PX",
+                   help="input side in pixels (default 256)")
+    p.add_argument("--context", type=int, default=0, metavar="K",
+                   help="2.5D context: neighbouring slices on each side as channels (default 0)")
+    p.add_argument("--window", type=_window, action="append", metavar="C/W", dest="windows",
+                   help="window CENTER/WIDTH in HU, one channel each, repeatable "
+                        "(default 40/80 80/200 40/380)")
+    p.add_argument("--epochs", type=int, default=20, help="maximum epochs (default 20)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N",
+                   help="slices per step (default 32)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (1e-3)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (1e-4)")
+    p.add_argument("--warmup-epochs", type=float, default=1.0, metavar="E",
+                   help="linear warm-up in epochs before the cosine decay (default 1)")
+    p.add_argument("--val-fraction", type=float, default=0.2, metavar="F",
+                   help="fraction of patients held out for validation (default 0.2)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of split, initialisation, sampling, augmentation (default 0)")
+    p.add_argument("--patience", type=int, default=5, metavar="E",
+                   help="stop after E epochs without a better validation weighted log loss; "
+                        "0 = never (default 5)")
+    p.add_argument("--oversample", type=float, default=1.0, metavar="X",
+                   help="draw slices positive for 'any' X times as often (default 1 = off)")
+    p.add_argument("--no-augment", action="store_true",
+                   help="no flips, rotations/affine or intensity jitter")
+    p.add_argument("--target-sensitivity", type=float, default=0.95, metavar="S",
+                   help="series-level sensitivity of 'any' the stored threshold is chosen for "
+                        "on the validation series (default 0.95)")
+    p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    p.add_argument("--name", default="triage-node-ich", help="model name in the artifact")
+    p.add_argument("--model-version", default="", metavar="V",
+                   help="version in the artifact (default trained-DATE-seedN)")
+    p.add_argument("--note", default="",
+                   help="free text recorded in the artifact, e.g. 'phantom-trained, not for "
+                        "clinical use'")
+
+    p = sub.add_parser(
+        "evaluate", parents=[common], help="evaluate a model artifact on labelled head CT",
+        description="Predict every labelled slice with the artifact's own preprocessing, score "
+                    "series as the worker does (max over slices) and write metrics.json, ROC "
+                    "and calibration PNGs and a self-contained report.html to --out.")
+    p.add_argument("--model", required=True, type=Path, metavar="FILE", help="model artifact")
+    data_options(p)
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="report folder")
+    p.add_argument("--batch-size", type=int, default=64, metavar="N",
+                   help="slices per forward pass (default 64)")
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -126,7 +234,7 @@ def _cmd_scp(config: Config) -> int:
     from triage_node.scp import run_scp
 
     _log_effective(config)
-    return run_scp(config)
+    return run_scp(config, extra_children=_spool_server(config))
 
 
 def _cmd_worker(args: argparse.Namespace, config: Config) -> int:
@@ -142,7 +250,15 @@ def _cmd_serve(config: Config) -> int:
     from triage_node.scp import run_scp
 
     _log_effective(config)
-    return run_scp(config, extra_children=[("worker", tasks.worker_main)])
+    return run_scp(config, extra_children=[("worker", tasks.worker_main),
+                                           *_spool_server(config)])
+
+
+def _spool_server(config: Config) -> list[tuple[str, Callable[[Config], None]]]:
+    """The spool server child, when ``[storage] http_port`` asks for one."""
+    from triage_node.spoolhttp import spool_server_main
+
+    return [("spool-http", spool_server_main)] if config.storage.http_port else []
 
 
 def _cmd_db(args: argparse.Namespace, config: Config) -> int:
@@ -284,6 +400,54 @@ def _cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import shlex
+
+    from train.loop import TrainConfig, train
+
+    try:
+        config = TrainConfig(
+            data=args.data, labels=args.labels, work_dir=args.work_dir, out=args.out,
+            label_format=args.label_format, cache_dir=args.cache_dir, index=args.index,
+            architecture=args.architecture, size=args.size, context=args.context,
+            **({"windows": tuple(args.windows)} if args.windows else {}),
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+            val_fraction=args.val_fraction, seed=args.seed, patience=args.patience,
+            oversample=args.oversample, augment=not args.no_augment,
+            target_sensitivity=args.target_sensitivity, workers=args.workers,
+            device=args.device, amp=not args.no_amp, name=args.name,
+            version=args.model_version, note=args.note, progress=not args.no_progress)
+        result = train(config, resume=args.resume, command=shlex.join(["triage-node", *argv]))
+    except ValueError as exc:
+        print(f"triage-node train: {exc}", file=sys.stderr)
+        return 2
+    m = result.meta.metrics
+    print(f"wrote {result.artifact} (best epoch {result.best_epoch} of {result.epochs_run}"
+          + (", stopped early" if result.stopped_early else "") + ")")
+    print(f"validation: slice weighted log loss {m['slice.weighted_log_loss']:.4f}, series AUC "
+          f"(any) {m['series.any.auc']}, threshold {m['series.any.threshold']:.4f} -> series "
+          f"sensitivity {m['series.any.sensitivity']:.3f}, specificity "
+          f"{m['series.any.specificity']}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from train.evaluate import evaluate, format_summary
+
+    try:
+        metrics = evaluate(args.model, args.data, args.labels, args.out,
+                           label_format=args.label_format, cache_dir=args.cache_dir,
+                           index=args.index, workers=args.workers, batch_size=args.batch_size,
+                           device=args.device, progress=not args.no_progress)
+    except ValueError as exc:
+        print(f"triage-node evaluate: {exc}", file=sys.stderr)
+        return 2
+    print(format_summary(metrics))
+    print(f"report: {args.out / 'report.html'}, figures: {args.out / 'metrics.json'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = _parser().parse_args(argv)
@@ -312,6 +476,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_phantom(args)
         if args.command == "model":
             return _cmd_model(args)
+        if args.command == "train":
+            return _cmd_train(args, sys.argv[1:] if argv is None else argv)
+        if args.command == "evaluate":
+            return _cmd_evaluate(args)
         if args.command == "config":
             print(json.dumps(config.redacted(), indent=2, sort_keys=True))
             return 0

@@ -3,8 +3,8 @@
 Precedence, lowest to highest: the defaults named in this module, the TOML file
 (``--config FILE`` or ``$TRIAGE_NODE_CONFIG``), environment variables for secrets and
 deployment paths (``TRIAGE_NODE_DATA_DIR``, ``TRIAGE_NODE_DATABASE_URL``,
-``TRIAGE_NODE_BROKER_URL``, ``TRIAGE_NODE_API_TOKEN``), then command-line flags
-(applied by the CLI with :func:`dataclasses.replace`).
+``TRIAGE_NODE_BROKER_URL``, ``TRIAGE_NODE_API_TOKEN``, ``TRIAGE_NODE_SPOOL_TOKEN``), then
+command-line flags (applied by the CLI with :func:`dataclasses.replace`).
 
 Every section is a frozen dataclass; :func:`load_config` validates while it builds them
 and raises :class:`~triage_node.errors.ConfigError` naming the key and the bad value.
@@ -40,6 +40,7 @@ ENV_DATA_DIR = "TRIAGE_NODE_DATA_DIR"
 ENV_DATABASE_URL = "TRIAGE_NODE_DATABASE_URL"
 ENV_BROKER_URL = "TRIAGE_NODE_BROKER_URL"
 ENV_API_TOKEN = "TRIAGE_NODE_API_TOKEN"
+ENV_SPOOL_TOKEN = "TRIAGE_NODE_SPOOL_TOKEN"
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: printable, no backslash
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -115,6 +116,11 @@ class StorageConfig:
     fsync: bool = True
     #: refuse new instances (0xA700) when less than this is free on the spool's disk
     min_free_mb: int = 512
+    #: serve stored instances over HTTP to workers that cannot see the spool (0 = off)
+    http_port: int = 0
+    http_host: str = "127.0.0.1"
+    #: bearer token the spool server requires and workers send (env TRIAGE_NODE_SPOOL_TOKEN)
+    http_token: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +157,14 @@ class QueueConfig:
     """``[queue]``: empty ``broker_url`` = the embedded durable local transport."""
 
     broker_url: str = ""
+    #: Redis: a task not acknowledged this long after delivery (its worker died) is
+    #: delivered again
+    visibility_timeout: float = 3600.0
+    #: infer slices in batches of this many while a series arrives (0 = only at the end)
+    eager_batch: int = 16
+    #: where a worker reads slices: empty = ``[storage] path`` (same host or a shared
+    #: volume); else the SCP host's spool server, e.g. "http://scp-host:11113"
+    spool_url: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +227,8 @@ class Config:
         data["queue"]["broker_url"] = redact_url(self.queue.broker_url)
         if self.api.token:
             data["api"]["token"] = "***"
+        if self.storage.http_token:
+            data["storage"]["http_token"] = "***"
         return data
 
 
@@ -423,7 +439,11 @@ def build_config(
         path=_path(storage_path, base) if storage_path else data_dir / "spool",
         fsync=st.bool_("fsync", True),
         min_free_mb=st.int_("min_free_mb", 512, 0, 10**9),
+        http_port=st.int_("http_port", 0, 0, 65535),
+        http_host=st.host_("http_host", "127.0.0.1"),
+        http_token=env.get(ENV_SPOOL_TOKEN) or st.str_("http_token", ""),
     )
+    st.used.add("http_token")
     st.check_unknown()
 
     db = root.sub("database")
@@ -454,8 +474,15 @@ def build_config(
                           ) from exc
 
     qu = root.sub("queue")
-    queue = QueueConfig(broker_url=env.get(ENV_BROKER_URL) or qu.str_("broker_url", ""))
+    queue = QueueConfig(
+        broker_url=env.get(ENV_BROKER_URL) or qu.str_("broker_url", ""),
+        visibility_timeout=qu.float_("visibility_timeout", 3600.0, 1, 7 * 86400),
+        eager_batch=qu.int_("eager_batch", 16, 0, 4096),
+        spool_url=qu.str_("spool_url", ""),
+    )
     qu.used.add("broker_url")
+    if queue.spool_url and not re.match(r"^https?://[^/\s]+/?$", queue.spool_url):
+        raise qu.fail("spool_url", queue.spool_url, "expected http://host:port")
     qu.check_unknown()
 
     mo = root.sub("model")

@@ -13,7 +13,7 @@ parts), so the pipeline runs close to the raw speed of the network.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +27,14 @@ from pydicom.dataset import Dataset
 from triage_node.domain import LABELS
 from triage_node.errors import ArtifactError, InvalidDatasetError
 from triage_node.model import LoadedModel, load_artifact
-from triage_node.preprocess import PreprocessSpec, order_slices, preprocess_series, slice_position
+from triage_node.preprocess import (
+    PreprocessSpec,
+    context_indices,
+    order_slices,
+    preprocess_series,
+    preprocess_slice,
+    slice_position,
+)
 
 SeriesInput = Sequence[Path | str | Dataset]
 
@@ -131,13 +138,25 @@ class Predictor:
         """Series probabilities (max over slices), key slice and flag."""
         if len(datasets) != len(probs):
             raise ValueError(f"{len(datasets)} slices but {len(probs)} predictions")
+        return self.summarise([str(ds.get("SOPInstanceUID", "")) for ds in datasets],
+                              [slice_position(ds) for ds in datasets], probs, timings)
+
+    def summarise(self, sop_instance_uids: Sequence[str], positions: Sequence[float],
+                  probs: NDArray[np.float32],
+                  timings: dict[str, float] | None = None) -> SeriesPrediction:
+        """:meth:`post_process` for slices known by UID and position (ordered)."""
+        if not len(sop_instance_uids) == len(positions) == len(probs):
+            raise ValueError(f"{len(sop_instance_uids)} UIDs, {len(positions)} positions and "
+                             f"{len(probs)} predictions")
+        if len(probs) == 0:
+            raise ValueError("a series needs at least one slice")
         slices = tuple(
             SlicePrediction(
-                sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
-                position=slice_position(ds),
+                sop_instance_uid=uid,
+                position=float(pos),
                 probabilities={lab: float(p[j]) for j, lab in enumerate(LABELS)},
             )
-            for ds, p in zip(datasets, probs, strict=True)
+            for uid, pos, p in zip(sop_instance_uids, positions, probs, strict=True)
         )
         series = probs.max(axis=0)
         key = int(np.argmax(probs[:, 0]))
@@ -153,6 +172,48 @@ class Predictor:
             model_sha256=meta.weights_sha256,
             timings=dict(timings or {}),
         )
+
+    # -- part of a series, for inference while it arrives -----------------------------------
+
+    def predict_slices(self, read: Callable[[int], Dataset], n: int, targets: Sequence[int],
+                       fov_mm: float) -> NDArray[np.float32]:
+        """Probabilities (len(targets), 6) for some slices of an ordered series of ``n``.
+
+        Gives exactly what :meth:`predict_series` gives those slices when ``fov_mm`` is the
+        series' :func:`~triage_node.preprocess.series_fov` and ``read(i)`` returns slice
+        ``i`` of the same order: each target gets its 2.5D neighbours
+        (:func:`~triage_node.preprocess.context_indices`), read once each.
+        """
+        k = self.spec.context
+        base: dict[int, NDArray[np.float32]] = {}
+
+        def prepare(chunk: Sequence[int]) -> NDArray[np.float32]:
+            rows = []
+            for i in chunk:
+                window = context_indices(n, i, k)
+                for j in window:
+                    if j not in base:
+                        base[j] = preprocess_slice(read(j), self.spec, fov_mm=fov_mm)
+                rows.append(np.stack([base[j] for j in window]).reshape(
+                    self.spec.channels, self.spec.size, self.spec.size))
+            # Keep only what later chunks can still need (targets come in order, mostly).
+            if chunk:
+                for j in [j for j in base if j < chunk[-1] - 2 * k]:
+                    del base[j]
+            return np.ascontiguousarray(np.stack(rows))
+
+        chunks = [list(targets[i:i + self.batch_size])
+                  for i in range(0, len(targets), self.batch_size)]
+        if not chunks:
+            return np.zeros((0, len(LABELS)), np.float32)
+        out = []
+        pending = self._pool.submit(prepare, chunks[0])
+        for c in range(len(chunks)):
+            x = pending.result()
+            if c + 1 < len(chunks):
+                pending = self._pool.submit(prepare, chunks[c + 1])
+            out.append(self._forward(x))
+        return np.concatenate(out)
 
     # -- the whole thing, overlapped --------------------------------------------------------
 

@@ -47,10 +47,12 @@ __all__ = [
     "HU_MIN",
     "PreprocessSpec",
     "Window",
+    "context_indices",
     "order_slices",
     "preprocess_series",
     "preprocess_slice",
     "resize",
+    "series_fov",
     "slice_position",
     "to_hu",
     "window",
@@ -541,10 +543,50 @@ def preprocess_slice(
     return resize(window(hu, spec.windows), spec.size, spacing=_spacing(ds), fov_mm=fov_mm)
 
 
-def preprocess_series(datasets: Sequence[Dataset], spec: PreprocessSpec) -> FloatArray:
+def series_fov(datasets: Sequence[Dataset]) -> float:
+    """The field of view (mm) every slice of a series is mapped to: the median extent.
+
+    Reads only header fields (Rows, Columns, PixelSpacing), so headers read with
+    ``stop_before_pixels`` do.
+
+    Raises
+    ------
+    ValueError
+        If ``datasets`` is empty.
+    InvalidDatasetError
+        If a slice has no Rows or Columns.
+    """
+    if not datasets:
+        raise ValueError("datasets must not be empty")
+    extents = []
+    for ds in datasets:
+        rows, cols = ds.get("Rows"), ds.get("Columns")
+        if not rows or not cols:
+            raise InvalidDatasetError("a slice without Rows/Columns has no field of view")
+        extents.append(_slice_fov(ds, (int(rows), int(cols))))
+    return float(np.median(extents))
+
+
+def context_indices(n: int, i: int, context: int) -> list[int]:
+    """Indices of the slices stacked as 2.5D input for slice ``i`` of ``n``.
+
+    ``[i - context, ..., i + context]`` clamped to the series, so edge slices are
+    replicated - the layout :func:`preprocess_series` produces.
+    """
+    if not 0 <= i < n:
+        raise ValueError(f"slice index {i} outside a series of {n}")
+    if context < 0:
+        raise ValueError(f"context must be >= 0, got {context}")
+    return [min(max(j, 0), n - 1) for j in range(i - context, i + context + 1)]
+
+
+def preprocess_series(
+    datasets: Sequence[Dataset], spec: PreprocessSpec, *, fov_mm: float | None = None
+) -> FloatArray:
     """A series as a batch of model inputs, in the given order.
 
-    Every slice is mapped to the series' median field of view, so slices with a deviating
+    Every slice is mapped to the series' median field of view (:func:`series_fov`, or
+    ``fov_mm`` when the caller holds only part of the series), so slices with a deviating
     PixelSpacing show anatomy at the same scale. With ``spec.context = k`` slice ``i`` gets
     channels ``[windows(i-k), ..., windows(i), ..., windows(i+k)]``, indices clamped to the
     series (edge slices replicated). Order the datasets first (:func:`order_slices`).
@@ -555,6 +597,8 @@ def preprocess_series(datasets: Sequence[Dataset], spec: PreprocessSpec) -> Floa
         Slices of one series, already ordered.
     spec : PreprocessSpec
         Windows, size and context.
+    fov_mm : float, optional
+        Field of view to map every slice onto; default the median over ``datasets``.
 
     Returns
     -------
@@ -572,7 +616,8 @@ def preprocess_series(datasets: Sequence[Dataset], spec: PreprocessSpec) -> Floa
     if n == 0:
         raise ValueError("datasets must not be empty")
     hus = [to_hu(ds) for ds in datasets]
-    fov = float(np.median([_slice_fov(ds, hu.shape) for ds, hu in zip(datasets, hus, strict=True)]))
+    fov = fov_mm if fov_mm is not None else float(
+        np.median([_slice_fov(ds, hu.shape) for ds, hu in zip(datasets, hus, strict=True)]))
     base = np.stack(
         [
             resize(window(hu, spec.windows), spec.size, spacing=_spacing(ds), fov_mm=fov)

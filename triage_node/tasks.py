@@ -4,10 +4,17 @@ Broker: ``[queue] broker_url`` (Redis in production). Empty means the embedded d
 transport: kombu's SQLAlchemy transport on ``<data_dir>/queue.db``, so queued work survives a
 restart without a Redis server.
 
-Tasks take a Series Instance UID and are idempotent (:func:`triage_node.classify.classify_series`
-claims the series first), which is what makes ``acks_late`` with ``reject_on_worker_lost``
-safe: a task redelivered after a worker died classifies the series again and replaces the
-result, never doubles it.
+Two tasks, both taking a Series Instance UID and both idempotent, which is what makes
+``acks_late`` with ``reject_on_worker_lost`` safe (a task redelivered after its worker died
+runs again and replaces, never doubles, what it stores):
+
+- ``infer_slices``: queued by the assembler every ``[queue] eager_batch`` new slices while a
+  series arrives (and when it pauses), so most inference is done when the series completes;
+- ``classify_series``: queued when assembly decides a series is complete and selected; it
+  predicts what is left, aggregates and stores the series result.
+
+Workers read slices from the spool, or fetch them from the SCP host's spool server when
+``[queue] spool_url`` is set (:mod:`triage_node.spoolhttp`); messages carry only UIDs.
 
 Importing this module does not import torch: the worker loads the model on its first task.
 """
@@ -16,20 +23,23 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import replace
 from functools import cache
 from typing import Any
 
 from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
 
 from triage_node import store
-from triage_node.config import Config
+from triage_node.config import Config, TriageConfig
 from triage_node.domain import SeriesState
-from triage_node.series import assemble_due
+from triage_node.series import assemble_due, not_selected_reason
 from triage_node.spool import Spool
 
 log = logging.getLogger(__name__)
 
 CLASSIFY_TASK = "triage_node.classify_series"
+INFER_TASK = "triage_node.infer_slices"
 
 
 def broker_url(config: Config) -> str:
@@ -45,7 +55,8 @@ def make_celery(config: Config) -> Celery:
     app = Celery("triage_node", broker=url, set_as_current=False)
     if url.startswith(("redis://", "rediss://")):
         # A task not acknowledged within this long (worker gone) is delivered again.
-        app.conf.broker_transport_options = {"visibility_timeout": 3600}
+        app.conf.broker_transport_options = {
+            "visibility_timeout": config.queue.visibility_timeout}
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -61,14 +72,28 @@ def make_celery(config: Config) -> Celery:
               reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
     def classify(self: Any, series_instance_uid: str) -> bool:
         from triage_node.classify import classify_series
-        from triage_node.errors import DatabaseError
+        from triage_node.errors import StoreError
 
         ctx = _worker_context(config)
         try:
-            return classify_series(ctx.factory, ctx.spool, ctx.predictor,
+            return classify_series(ctx.factory, ctx.source, ctx.predictor,
                                    series_instance_uid) is not None
-        except DatabaseError as exc:  # the database may be back soon: retry with backoff
+        except StoreError as exc:  # database or spool server may be back soon: back off
             raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries)) from exc
+
+    @app.task(name=INFER_TASK, acks_late=True,
+              reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
+    def infer(series_instance_uid: str) -> int:
+        from triage_node.classify import infer_slices
+        from triage_node.errors import TriageNodeError
+
+        ctx = _worker_context(config)
+        try:
+            return infer_slices(ctx.factory, ctx.source, ctx.predictor, series_instance_uid)
+        except TriageNodeError as exc:  # only a head start: the series task does it all
+            log.warning("series %s: inference ahead of completion failed: %s",
+                        series_instance_uid, exc)
+            return 0
 
     return app
 
@@ -79,9 +104,15 @@ class _WorkerContext:
     def __init__(self, config: Config) -> None:
         from triage_node.model import DEFAULT_ARCHITECTURE
         from triage_node.pipeline import Predictor
+        from triage_node.spoolhttp import RemoteSpool
 
         self.factory = store.make_session_factory(store.make_engine(config.database.url))
-        self.spool = Spool(config.storage.path)
+        self.source: Spool | RemoteSpool
+        if config.queue.spool_url:
+            self.source = RemoteSpool(config.queue.spool_url, config.data_dir / "fetched",
+                                      token=config.storage.http_token)
+        else:
+            self.source = Spool(config.storage.path)
         if not config.model.path:
             raise RuntimeError(
                 "no model: set [model] path (training lands with `triage-node train`; "
@@ -107,6 +138,47 @@ def enqueue(app: Celery, series_instance_uid: str) -> None:
     app.send_task(CLASSIFY_TASK, args=[series_instance_uid])
 
 
+class EagerBatches:
+    """Decides when a still-arriving series gets an ``infer_slices`` task.
+
+    Every ``batch`` new stored slices, and when arrivals pause (no new slice since the last
+    look) with slices not yet handed out. Series whose known slices already rule them out
+    (not axial, not a head) get none. Memory only: after a restart the series task simply
+    has more left to do.
+    """
+
+    def __init__(self, rules: TriageConfig, batch: int) -> None:
+        self.rules = replace(rules, min_slices=1)  # the count is judged at completion
+        self.batch = batch
+        self._sent: dict[str, int] = {}
+        self._seen: dict[str, int] = {}
+        self._skip: set[str] = set()
+
+    def due(self, factory: sessionmaker[Session]) -> list[str]:
+        """Series to queue an ``infer_slices`` task for now."""
+        if self.batch <= 0:
+            return []
+        counts = store.receiving_series_counts(factory)
+        for gone in set(self._sent) - counts.keys():
+            del self._sent[gone]
+        for gone in set(self._seen) - counts.keys():
+            del self._seen[gone]
+        self._skip &= counts.keys()
+        out = []
+        for uid, n in counts.items():
+            sent, seen = self._sent.get(uid, 0), self._seen.get(uid, 0)
+            self._seen[uid] = n
+            if uid in self._skip or n <= sent:
+                continue
+            if n - sent >= self.batch or n == seen:
+                if not_selected_reason(store.series_instances(factory, uid), self.rules):
+                    self._skip.add(uid)
+                    continue
+                self._sent[uid] = n
+                out.append(uid)
+        return out
+
+
 def run_assembler(config: Config, app: Celery, stop: threading.Event,
                   interval: float = 0.5) -> None:
     """Decide complete series every ``interval`` s and queue the selected ones, until ``stop``.
@@ -119,8 +191,11 @@ def run_assembler(config: Config, app: Celery, stop: threading.Event,
     for uid in store.series_in_states(factory, left):
         log.info("re-queuing series %s left from before", uid)
         enqueue(app, uid)
+    eager = EagerBatches(config.triage, config.queue.eager_batch)
     while not stop.is_set():
         try:
+            for uid in eager.due(factory):
+                app.send_task(INFER_TASK, args=[uid])
             for decision in assemble_due(factory, config.triage):
                 if decision.selected:
                     enqueue(app, decision.series_instance_uid)

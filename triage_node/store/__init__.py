@@ -21,6 +21,11 @@ from triage_node.store.db import (
     redact_url,
     upgrade,
 )
+from triage_node.store.predictions import (
+    receiving_series_counts,
+    save_slice_predictions,
+    slice_predictions,
+)
 from triage_node.store.repository import (
     claim_series,
     complete_series,
@@ -54,11 +59,14 @@ __all__ = [
     "make_engine",
     "make_session_factory",
     "mark_release_hint",
+    "receiving_series_counts",
     "record_batch",
     "record_events",
     "redact_url",
+    "save_slice_predictions",
     "series_in_states",
     "series_instances",
+    "slice_predictions",
     "store_result",
     "upgrade",
 ]
