@@ -172,3 +172,39 @@ def test_embedded_mode_stopped_with_work_queued_finishes_after_restart(tmp_path:
     assert store.list_series(factory)[0].state is SeriesState.DONE
     assert log.read_text().count("classified: any=") == 1
     engine.dispose()
+
+
+def test_series_with_undecodable_slice_fails_with_reason_and_worker_goes_on(
+        tmp_path: Path) -> None:
+    """A slice whose pixel data is short passes the SCP (header-only parse) but cannot be
+    classified: the series becomes failed with a reason naming the slice, and the next
+    series is classified as usual."""
+    from pydicom import dcmread
+
+    bad = generate_study(tmp_path / "bad", seed=54, n_slices=12, rows=64, cols=64)
+    good = generate_study(tmp_path / "good", seed=55, n_slices=12, rows=64, cols=64)
+    broken = bad.slices[5]
+    ds = dcmread(broken.path)
+    ds.PixelData = ds.PixelData[:100]
+    ds.save_as(broken.path)
+    extra = (f'[queue]\nbroker_url = "sqla+sqlite:///{tmp_path / "queue.db"}"\n'
+             f'[model]\npath = "{_model(tmp_path)}"\n[triage]\nrelease_settle_seconds = 0.5\n')
+    with running_node(tmp_path, extra=extra, command="serve") as node:
+        engine = store.make_engine(node.database_url)
+        factory = store.make_session_factory(engine)
+        assert storescu(node.port, [s.path for s in bad.slices]).stderr.count("(Success)") == 12
+
+        def state(uid: str) -> SeriesState | None:
+            return next((s.state for s in store.list_series(factory)
+                         if s.series_instance_uid == uid), None)
+
+        _wait(lambda: state(bad.series_uid) is SeriesState.FAILED, "failed series", 90,
+              [node.log])
+        row = next(s for s in store.list_series(factory) if s.series_instance_uid == bad.series_uid)
+        assert row.reason and broken.sop_uid in row.reason, row.reason
+        assert storescu(node.port, [s.path for s in good.slices]).returncode == 0
+        _wait(lambda: store.get_result(factory, good.series_uid) is not None, "result", 90,
+              [node.log])
+        assert store.get_result(factory, bad.series_uid) is None
+        engine.dispose()
+        assert node.stop() == 0

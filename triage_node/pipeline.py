@@ -193,7 +193,12 @@ class Predictor:
                 window = context_indices(n, i, k)
                 for j in window:
                     if j not in base:
-                        base[j] = preprocess_slice(read(j), self.spec, fov_mm=fov_mm)
+                        ds = read(j)
+                        try:
+                            base[j] = preprocess_slice(ds, self.spec, fov_mm=fov_mm)
+                        except InvalidDatasetError as exc:
+                            uid = ds.get("SOPInstanceUID", "?")
+                            raise InvalidDatasetError(f"slice {uid}: {exc}") from exc
                 rows.append(np.stack([base[j] for j in window]).reshape(
                     self.spec.channels, self.spec.size, self.spec.size))
             # Keep only what later chunks can still need (targets come in order, mostly).

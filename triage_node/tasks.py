@@ -72,7 +72,7 @@ def make_celery(config: Config) -> Celery:
               reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
     def classify(self: Any, series_instance_uid: str) -> bool:
         from triage_node.classify import classify_series
-        from triage_node.errors import StoreError
+        from triage_node.errors import InvalidDatasetError, StoreError
 
         ctx = _worker_context(config)
         try:
@@ -80,6 +80,10 @@ def make_celery(config: Config) -> Celery:
                                    series_instance_uid) is not None
         except StoreError as exc:  # database or spool server may be back soon: back off
             raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries)) from exc
+        except InvalidDatasetError as exc:  # retrying will not decode it: say so and move on
+            log.error("series %s failed: %s", series_instance_uid, exc)
+            store.fail_series(ctx.factory, series_instance_uid, f"cannot classify: {exc}")
+            return False
 
     @app.task(name=INFER_TASK, acks_late=True,
               reject_on_worker_lost=True)  # type: ignore[untyped-decorator]

@@ -48,6 +48,7 @@ __all__ = [
     "complete_series",
     "count_instances",
     "due_series",
+    "fail_series",
     "get_instance",
     "get_result",
     "list_events",
@@ -1035,3 +1036,22 @@ def series_in_states(session_factory: sessionmaker[Session],
             .order_by(s.last_received_at))
     with _transaction(session_factory, "list series by state", read_only=True) as session:
         return list(session.execute(stmt).scalars())
+
+
+def fail_series(session_factory: sessionmaker[Session], series_instance_uid: str,
+                reason: str) -> bool:
+    """Mark a queued or processing series ``failed`` with ``reason``; False if it is in
+    another state (reopened by a late slice, or already done)."""
+    _check_uid(series_instance_uid, "series_instance_uid")
+    if not isinstance(reason, str) or not reason:
+        raise ValueError(f"reason must be a non-empty string, got {reason!r}")
+    s = _SERIES.c
+    stmt = (
+        sa.update(_SERIES)
+        .where(s.series_instance_uid == series_instance_uid,
+               s.state.in_([SeriesState.QUEUED.value, SeriesState.PROCESSING.value]))
+        .values(state=SeriesState.FAILED.value, reason=reason)
+    )
+    with _transaction(session_factory, "fail a series") as session:
+        result = cast(sa.CursorResult[Any], session.execute(stmt))
+        return bool(result.rowcount)
