@@ -14,7 +14,7 @@ from nodeproc import DCMTK, running_node, storescu
 from triage_node import store
 from triage_node.classify import classify_series
 from triage_node.config import TriageConfig
-from triage_node.domain import SeriesState, utcnow
+from triage_node.domain import EventKind, SeriesState, utcnow
 from triage_node.model import load_artifact, random_artifact
 from triage_node.phantom import generate_study
 from triage_node.pipeline import Predictor
@@ -54,6 +54,9 @@ def test_received_series_classified_and_stored(tmp_path: Path) -> None:
         assert stored.flagged == (stored.probabilities["any"] >= stored.threshold)
         assert stored.inference_started_at <= stored.inference_done_at <= stored.stored_at
         assert store.list_series(factory)[0].state is SeriesState.DONE
+        [event] = store.list_events(factory, kinds=[EventKind.RESULT_STORED])
+        assert event.series_instance_uid == truth.series_uid and event.actor.startswith("worker@")
+        assert event.outcome == ("flagged" if stored.flagged else "negative")
         listing = json.loads(subprocess.run(
             [sys.executable, "-m", "triage_node.cli", "series", "--json", "--config",
              str(node.config)], capture_output=True, text=True, check=True).stdout)

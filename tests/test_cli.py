@@ -78,6 +78,19 @@ def test_send_echo_series_round_trip(tmp_path: Path) -> None:
         table = run("series", "--config", str(node.config))
         assert "PHANTOM-1" in table.stdout and "receiving" in table.stdout
         assert "PHANTOM^" not in table.stdout, "no patient names in listings"
+        audit = run("audit", "--json", "--since", "1h", "--config", str(node.config))
+        events = [json.loads(line) for line in audit.stdout.splitlines()]
+        kinds = [e["kind"] for e in events]
+        assert kinds.count("instance_stored") == 6
+        assert "association_opened" in kinds
+        assert {e["actor"] for e in events if e["kind"] == "instance_stored"} == {"CLITEST"}
+        only = run("audit", "--kind", "association_opened", "--config", str(node.config))
+        assert only.returncode == 0 and only.stdout.count("association_opened") == len(
+            only.stdout.splitlines()) >= 1
+        later = run("audit", "--since", "2099-01-01T00:00:00", "--config", str(node.config))
+        assert later.returncode == 0 and later.stdout == ""
+        bad = run("audit", "--since", "yesterday", "--config", str(node.config))
+        assert bad.returncode == 2 and "neither an ISO 8601 time" in bad.stderr
 
 
 def test_echo_to_closed_port_fails_cleanly() -> None:

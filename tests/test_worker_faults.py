@@ -21,7 +21,7 @@ import pytest
 from nodeproc import DCMTK, free_port, running_node, storescu, write_config
 
 from triage_node import store
-from triage_node.domain import SeriesState
+from triage_node.domain import EventKind, SeriesState
 from triage_node.model import random_artifact
 from triage_node.phantom import generate_study
 from triage_node.preprocess import PreprocessSpec
@@ -206,5 +206,7 @@ def test_series_with_undecodable_slice_fails_with_reason_and_worker_goes_on(
         _wait(lambda: store.get_result(factory, good.series_uid) is not None, "result", 90,
               [node.log])
         assert store.get_result(factory, bad.series_uid) is None
+        [failed] = store.list_events(factory, kinds=[EventKind.SERIES_FAILED])
+        assert failed.series_instance_uid == bad.series_uid and broken.sop_uid in failed.detail
         engine.dispose()
         assert node.stop() == 0

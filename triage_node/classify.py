@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,15 @@ from pydicom.dataset import Dataset
 from sqlalchemy.orm import Session, sessionmaker
 
 from triage_node import store
-from triage_node.domain import LABELS, InstanceRecord, InstanceState, SeriesResult, utcnow
+from triage_node.domain import (
+    LABELS,
+    EventKind,
+    EventRecord,
+    InstanceRecord,
+    InstanceState,
+    SeriesResult,
+    utcnow,
+)
 from triage_node.errors import InvalidDatasetError
 from triage_node.pipeline import Predictor
 from triage_node.preprocess import context_indices, series_fov, slice_position
@@ -44,6 +53,9 @@ from triage_node.spoolhttp import RemoteSpool
 log = logging.getLogger(__name__)
 
 SliceStore = Spool | RemoteSpool
+
+#: Who the audit trail names for what a worker did.
+WORKER_ACTOR = f"worker@{socket.gethostname()}"
 
 
 def slice_file(source: SliceStore, record: InstanceRecord) -> Path:
@@ -174,6 +186,13 @@ def classify_series(factory: sessionmaker[Session], source: SliceStore, predicto
         inference_done_at=utcnow(),
     )
     state = store.store_result(factory, result)
+    store.record_events(factory, [EventRecord(
+        EventKind.RESULT_STORED, utcnow(), actor=WORKER_ACTOR,
+        outcome="flagged" if result.flagged else "negative",
+        detail=(f"any={result.probabilities['any']:.3f} threshold={result.threshold:.3f} "
+                f"model={result.model_name} {result.model_version} "
+                f"sha256={result.model_sha256[:12]}"),
+        series_instance_uid=series_instance_uid)])
     if isinstance(source, RemoteSpool):
         source.discard([r.file_path for r in plan.ordered])
     log.info("series %s classified: any=%.3f%s (%d slices, %d predicted now, %d ahead; "

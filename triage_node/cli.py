@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from triage_node import __version__
 from triage_node.config import ENV_CONFIG, ENV_DATA_DIR, Config, load_config
+from triage_node.domain import EventKind, utcnow
 from triage_node.errors import AssociationError, ConfigError, TriageNodeError
 from triage_node.logs import setup_logging
 
@@ -81,6 +84,18 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("series", parents=[common], help="list received series")
     p.add_argument("--json", action="store_true", help="JSON output")
     p.add_argument("--limit", type=int, default=None)
+
+    p = sub.add_parser("audit", parents=[common],
+                       help="print the audit trail (associations, instances, results, ...)")
+    p.add_argument("--since", type=_since, default=None, metavar="WHEN",
+                   help="only events from WHEN on: an ISO 8601 time (UTC if no zone) or an "
+                        "age such as 30m, 24h, 7d")
+    p.add_argument("--kind", action="append", default=None, metavar="KIND",
+                   choices=[k.value for k in EventKind],
+                   help="only this kind of event (repeatable): "
+                        + ", ".join(k.value for k in EventKind))
+    p.add_argument("--limit", type=int, default=None, help="at most this many (oldest first)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
 
     p = sub.add_parser("phantom", parents=[common],
                        help="write synthetic head-CT studies (DICOM + RSNA-style labels)")
@@ -259,6 +274,49 @@ def _spool_server(config: Config) -> list[tuple[str, Callable[[Config], None]]]:
     from triage_node.spoolhttp import spool_server_main
 
     return [("spool-http", spool_server_main)] if config.storage.http_port else []
+
+
+def _since(text: str) -> dt.datetime:
+    """``--since``: an ISO 8601 time (naive = UTC) or an age like ``30m``, ``24h``, ``7d``."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
+    if m:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+        return utcnow() - dt.timedelta(seconds=float(m.group(1)) * unit)
+    try:
+        when = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither an ISO 8601 time nor an age like 24h") from None
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+def _cmd_audit(args: argparse.Namespace, config: Config) -> int:
+    from triage_node import store
+
+    engine = store.make_engine(config.database.url)
+    try:
+        store.upgrade(config.database.url)
+        events = store.list_events(
+            store.make_session_factory(engine), since=args.since,
+            kinds=[EventKind(k) for k in args.kind] if args.kind else None, limit=args.limit)
+    finally:
+        engine.dispose()
+    for e in events:
+        if args.json:
+            print(json.dumps({
+                "at": e.at.isoformat(), "kind": e.kind.value, "actor": e.actor,
+                "peer": e.peer, "outcome": e.outcome, "detail": e.detail,
+                "study_instance_uid": e.study_instance_uid,
+                "series_instance_uid": e.series_instance_uid,
+                "sop_instance_uid": e.sop_instance_uid}, sort_keys=True))
+        else:
+            about = " ".join(f"{name}={uid}" for name, uid in (
+                ("series", e.series_instance_uid), ("sop", e.sop_instance_uid)) if uid)
+            print("  ".join(part for part in (
+                e.at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), f"{e.kind.value:<20}",
+                f"actor={e.actor or '-'}", f"peer={e.peer or '-'}",
+                f"outcome={e.outcome or '-'}", about, e.detail) if part))
+    return 0
 
 
 def _cmd_db(args: argparse.Namespace, config: Config) -> int:
@@ -472,6 +530,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_echo(args)
         if args.command == "series":
             return _cmd_series(args, config)
+        if args.command == "audit":
+            return _cmd_audit(args, config)
         if args.command == "phantom":
             return _cmd_phantom(args)
         if args.command == "model":

@@ -51,6 +51,9 @@ class EventKind(StrEnum):
     ASSOCIATION_REJECTED = "association_rejected"
     INSTANCE_STORED = "instance_stored"
     INSTANCE_REFUSED = "instance_refused"
+    FEEDBACK_RECORDED = "feedback_recorded"  # a radiologist's verdict on a series
+    RESULT_STORED = "result_stored"  # a series was classified (outcome: flagged/negative)
+    SERIES_FAILED = "series_failed"  # a series could not be classified (detail: why)
 
 
 @dataclass(frozen=True, slots=True)

@@ -81,8 +81,14 @@ def make_celery(config: Config) -> Celery:
         except StoreError as exc:  # database or spool server may be back soon: back off
             raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries)) from exc
         except InvalidDatasetError as exc:  # retrying will not decode it: say so and move on
+            from triage_node.classify import WORKER_ACTOR
+            from triage_node.domain import EventKind, EventRecord, utcnow
+
             log.error("series %s failed: %s", series_instance_uid, exc)
-            store.fail_series(ctx.factory, series_instance_uid, f"cannot classify: {exc}")
+            if store.fail_series(ctx.factory, series_instance_uid, f"cannot classify: {exc}"):
+                store.record_events(ctx.factory, [EventRecord(
+                    EventKind.SERIES_FAILED, utcnow(), actor=WORKER_ACTOR, outcome="failed",
+                    detail=str(exc), series_instance_uid=series_instance_uid)])
             return False
 
     @app.task(name=INFER_TASK, acks_late=True,
