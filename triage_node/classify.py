@@ -65,6 +65,11 @@ def slice_file(source: SliceStore, record: InstanceRecord) -> Path:
     return source.path(record.file_path)
 
 
+def read_header(source: SliceStore, record: InstanceRecord) -> Dataset:
+    """The header (no pixel data) of a stored instance."""
+    return _read(source, record, header_only=True)
+
+
 def _read(source: SliceStore, record: InstanceRecord, *, header_only: bool) -> Dataset:
     path = slice_file(source, record)
     try:

@@ -185,6 +185,29 @@ class DestinationConfig:
     tls: TLSConfig = field(default_factory=TLSConfig)
 
 
+DEFAULT_DISCLAIMER = "Triage aid - not for diagnostic use"
+
+
+@dataclass(frozen=True, slots=True)
+class ResultsConfig:
+    """``[results]``: the Structured Report and its delivery to ``[[destinations]]``."""
+
+    #: also send the SR of series below the threshold (flagged series are always sent)
+    send_negative: bool = False
+    #: free text put into every SR
+    disclaimer: str = DEFAULT_DISCLAIMER
+    #: attempts per destination before a delivery is given up (failed)
+    max_attempts: int = 10
+    #: retry delays: backoff_base_seconds * 2**(attempt - 1), at most backoff_max_seconds,
+    #: of which a random part (up to half) is dropped (jitter)
+    backoff_base_seconds: float = 30.0
+    backoff_max_seconds: float = 3600.0
+    #: seconds allowed for connecting, association negotiation and each response
+    timeout: float = 30.0
+    #: how often the delivery loop looks for due deliveries, seconds
+    poll_seconds: float = 2.0
+
+
 @dataclass(frozen=True, slots=True)
 class ApiConfig:
     """``[api]``: the worklist API and page."""
@@ -216,6 +239,7 @@ class Config:
     destinations: tuple[DestinationConfig, ...] = ()
     api: ApiConfig = field(default_factory=ApiConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    results: ResultsConfig = field(default_factory=ResultsConfig)
     source: str = "built-in defaults"
 
     def redacted(self) -> dict[str, Any]:
@@ -393,6 +417,27 @@ def _destinations(raw: Any) -> tuple[DestinationConfig, ...]:
     return tuple(out)
 
 
+def _results(section: _Section) -> ResultsConfig:
+    cfg = ResultsConfig(
+        send_negative=section.bool_("send_negative", False),
+        disclaimer=section.str_("disclaimer", DEFAULT_DISCLAIMER),
+        max_attempts=section.int_("max_attempts", 10, 1, 10000),
+        backoff_base_seconds=section.float_("backoff_base_seconds", 30.0, 0.01, 86400),
+        backoff_max_seconds=section.float_("backoff_max_seconds", 3600.0, 0.01, 7 * 86400),
+        timeout=section.float_("timeout", 30.0, 0.1, 3600),
+        poll_seconds=section.float_("poll_seconds", 2.0, 0.01, 3600),
+    )
+    section.check_unknown()
+    if not cfg.disclaimer.strip():
+        raise section.fail("disclaimer", cfg.disclaimer, "must not be empty")
+    if len(cfg.disclaimer) > 1024:
+        raise section.fail("disclaimer", cfg.disclaimer[:40] + "...", "at most 1024 characters")
+    if cfg.backoff_max_seconds < cfg.backoff_base_seconds:
+        raise section.fail("backoff_max_seconds", cfg.backoff_max_seconds,
+                           f"must be >= backoff_base_seconds ({cfg.backoff_base_seconds})")
+    return cfg
+
+
 def _path(value: str, base: Path) -> Path:
     path = Path(value).expanduser()
     return path if path.is_absolute() else (base / path)
@@ -505,6 +550,7 @@ def build_config(
     logging_cfg = LoggingConfig(level=level, json=lg.bool_("json", False))
     lg.check_unknown()
 
+    results = _results(root.sub("results"))
     destinations = _destinations(root._get("destinations", []))
     root.check_unknown()
     return Config(
@@ -518,6 +564,7 @@ def build_config(
         destinations=destinations,
         api=api,
         logging=logging_cfg,
+        results=results,
         source=source,
     )
 

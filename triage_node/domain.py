@@ -175,3 +175,48 @@ def position_along_normal(
 def utcnow() -> dt.datetime:
     """Timezone-aware current UTC time (the only clock the node records)."""
     return dt.datetime.now(dt.UTC)
+
+
+class DeliveryState(StrEnum):
+    """Life cycle of one result document's delivery to one destination (the outbox)."""
+
+    PENDING = "pending"  # to be sent (again) at next_attempt_at
+    SENT = "sent"  # the destination stored it
+    FAILED = "failed"  # given up: permanent failure or max_attempts reached (see last_error)
+    SUPERSEDED = "superseded"  # a newer result of the series replaced it before it went out
+
+
+@dataclass(frozen=True, slots=True)
+class ResultDocument:
+    """A DICOM object made from a series result (the SR), stored to be sent as it is.
+
+    ``dataset`` is the DICOM Part 10 file; every retry, and every destination, gets these
+    bytes, hence the same SOP Instance UID. ``result_stored_at`` is the ``stored_at`` of the
+    result it was made from.
+    """
+
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    instance_number: int
+    result_stored_at: dt.datetime
+    supersedes_sop_instance_uid: str | None
+    created_at: dt.datetime
+    dataset: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One row of the outbox: a result document for one destination (``AE@host:port``)."""
+
+    id: int
+    series_instance_uid: str
+    sop_instance_uid: str
+    destination: str
+    state: DeliveryState
+    attempts: int
+    next_attempt_at: dt.datetime
+    last_error: str | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    sent_at: dt.datetime | None = None

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import replace
-from functools import cache
+from functools import cache, partial
 from typing import Any
 
 from celery import Celery
@@ -76,8 +76,12 @@ def make_celery(config: Config) -> Celery:
 
         ctx = _worker_context(config)
         try:
-            return classify_series(ctx.factory, ctx.source, ctx.predictor,
-                                   series_instance_uid) is not None
+            classified = classify_series(ctx.factory, ctx.source, ctx.predictor,
+                                         series_instance_uid) is not None
+            # Also when this is a redelivery of a task that classified but did not queue
+            # the SR: queuing is idempotent, and it does nothing without a result.
+            _queue_sr(config, ctx, series_instance_uid)
+            return classified
         except StoreError as exc:  # database or spool server may be back soon: back off
             raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries)) from exc
         except InvalidDatasetError as exc:  # retrying will not decode it: say so and move on
@@ -131,6 +135,21 @@ class _WorkerContext:
         self.predictor = Predictor.from_path(config.model.path, device=config.model.device)
         log.info("worker loaded model %s (%s)", config.model.path,
                  self.predictor.model.meta.version)
+
+
+def _queue_sr(config: Config, ctx: _WorkerContext, series_instance_uid: str) -> None:
+    """Queue the SR of a stored result for ``[[destinations]]`` (see :mod:`sender`)."""
+    from triage_node.classify import read_header
+    from triage_node.errors import InvalidDatasetError, NodeStateError
+    from triage_node.sender import queue_results_for_delivery
+
+    if not config.destinations:
+        return
+    try:
+        queue_results_for_delivery(ctx.factory, config, series_instance_uid,
+                                   read_header=partial(read_header, ctx.source))
+    except (InvalidDatasetError, NodeStateError) as exc:  # the result stays; say why no SR
+        log.error("series %s: no SR queued: %s", series_instance_uid, exc)
 
 
 @cache
@@ -215,7 +234,8 @@ def run_assembler(config: Config, app: Celery, stop: threading.Event,
 
 
 def worker_main(config: Config, *, assembler: bool = True) -> None:
-    """Run a worker process until SIGTERM: the series assembler and a Celery worker.
+    """Run a worker process until SIGTERM: the series assembler, the SR delivery loop (when
+    there are ``[[destinations]]``) and a Celery worker.
 
     Without ``[model] path`` only the assembler runs: series are decided and queued (in the
     broker, durably) and wait there until a worker with a model consumes them.
@@ -231,6 +251,12 @@ def worker_main(config: Config, *, assembler: bool = True) -> None:
     if assembler:
         threading.Thread(target=run_assembler, args=(config, app, stop), name="assembler",
                          daemon=True).start()
+        if config.destinations:
+            from triage_node.sender import run_delivery
+
+            factory = store.make_session_factory(store.make_engine(config.database.url))
+            threading.Thread(target=run_delivery, args=(config, factory, stop),
+                             name="delivery", daemon=True).start()
     if not config.model.path:
         log.warning("no [model] path: series are assembled and queued, not classified, until "
                     "a worker with a model runs")

@@ -21,6 +21,16 @@ from triage_node.store.db import (
     redact_url,
     upgrade,
 )
+from triage_node.store.outbox import (
+    add_document,
+    claim_due,
+    delivery_counts,
+    latest_document,
+    list_deliveries,
+    mark_failed,
+    mark_retry,
+    mark_sent,
+)
 from triage_node.store.predictions import (
     receiving_series_counts,
     save_slice_predictions,
@@ -45,22 +55,30 @@ from triage_node.store.repository import (
 )
 
 __all__ = [
+    "add_document",
     "alembic_config",
+    "claim_due",
     "claim_series",
     "complete_series",
     "count_instances",
     "current_revision",
     "default_sqlite_url",
+    "delivery_counts",
     "due_series",
     "fail_series",
     "get_instance",
     "get_result",
     "head_revision",
+    "latest_document",
+    "list_deliveries",
     "list_events",
     "list_series",
     "make_engine",
     "make_session_factory",
+    "mark_failed",
     "mark_release_hint",
+    "mark_retry",
+    "mark_sent",
     "receiving_series_counts",
     "record_batch",
     "record_events",

@@ -216,3 +216,46 @@ class SlicePrediction(Base):
     neighbours: Mapped[str] = mapped_column(sa.String(64))
     probabilities: Mapped[list[float]] = mapped_column(sa.JSON)  # in domain.LABELS order
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class ResultDocument(Base):
+    """A DICOM object made from a series result (the SR), kept to be sent byte for byte."""
+
+    __tablename__ = "result_document"
+    __table_args__ = (
+        # One document per stored result: queueing the same result twice adds nothing.
+        sa.UniqueConstraint("series_fk", "result_stored_at"),
+    )
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    series_fk: Mapped[int] = mapped_column(sa.ForeignKey("series.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(sa.String(UID_LENGTH), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(sa.String(UID_LENGTH))
+    instance_number: Mapped[int] = mapped_column(sa.Integer)
+    #: ``series_result.stored_at`` of the result the document was made from
+    result_stored_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    supersedes_sop_instance_uid: Mapped[str | None] = mapped_column(sa.String(UID_LENGTH))
+    dataset: Mapped[bytes] = mapped_column(sa.LargeBinary)  # DICOM Part 10 file
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class OutboxItem(Base):
+    """The delivery of one result document to one destination (the durable outbox)."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        sa.UniqueConstraint("document_fk", "destination"),
+        # "pending rows due by now": equality on state, range on next_attempt_at.
+        sa.Index("ix_outbox_state_next_attempt_at", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    document_fk: Mapped[int] = mapped_column(sa.ForeignKey("result_document.id"))
+    destination: Mapped[str] = mapped_column(sa.String)  # "AE@host:port"
+    state: Mapped[str] = mapped_column(sa.String(_STATE_LENGTH))  # domain.DeliveryState
+    attempts: Mapped[int] = mapped_column(sa.Integer)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
