@@ -465,6 +465,7 @@ def run_delivery(
     associate: scu.AssociationFactory = scu.associate,
     rng: random.Random | None = None,
     lease_seconds: float | None = None,
+    wake: threading.Event | None = None,
 ) -> None:
     """Deliver the outbox until ``stop`` is set (run it in a thread of a long-lived process).
 
@@ -489,6 +490,9 @@ def run_delivery(
         Jitter source.
     lease_seconds : float, optional
         See :func:`deliver_due`.
+    wake : threading.Event, optional
+        Set it (e.g. right after queuing an SR in the same process) to look for due rows
+        at once instead of after ``poll_seconds``.
     """
     if not isinstance(stop, threading.Event):
         raise TypeError(f"stop must be a threading.Event, not {type(stop).__name__}")
@@ -504,7 +508,11 @@ def run_delivery(
                         config.results.poll_seconds)
             busy = 0
         if not busy:
-            stop.wait(config.results.poll_seconds)
+            if wake is None:
+                stop.wait(config.results.poll_seconds)
+            else:
+                wake.wait(config.results.poll_seconds)
+                wake.clear()
     log.info("delivery loop stopped")
 
 

@@ -137,6 +137,10 @@ class _WorkerContext:
                  self.predictor.model.meta.version)
 
 
+#: Wakes the delivery loop of this process when the worker has just queued an SR.
+_DELIVERY_WAKE = threading.Event()
+
+
 def _queue_sr(config: Config, ctx: _WorkerContext, series_instance_uid: str) -> None:
     """Queue the SR of a stored result for ``[[destinations]]`` (see :mod:`sender`)."""
     from triage_node.classify import read_header
@@ -146,8 +150,9 @@ def _queue_sr(config: Config, ctx: _WorkerContext, series_instance_uid: str) -> 
     if not config.destinations:
         return
     try:
-        queue_results_for_delivery(ctx.factory, config, series_instance_uid,
-                                   read_header=partial(read_header, ctx.source))
+        if queue_results_for_delivery(ctx.factory, config, series_instance_uid,
+                                      read_header=partial(read_header, ctx.source)):
+            _DELIVERY_WAKE.set()  # a delivery loop in this process sends it now
     except (InvalidDatasetError, NodeStateError) as exc:  # the result stays; say why no SR
         log.error("series %s: no SR queued: %s", series_instance_uid, exc)
 
@@ -256,7 +261,8 @@ def worker_main(config: Config, *, assembler: bool = True) -> None:
 
             factory = store.make_session_factory(store.make_engine(config.database.url))
             threading.Thread(target=run_delivery, args=(config, factory, stop),
-                             name="delivery", daemon=True).start()
+                             kwargs={"wake": _DELIVERY_WAKE}, name="delivery",
+                             daemon=True).start()
     if not config.model.path:
         log.warning("no [model] path: series are assembled and queued, not classified, until "
                     "a worker with a model runs")
