@@ -628,3 +628,46 @@ def test_destination_key_and_tls(tmp_path: Path, tls_files: tuple[Path, Path]) -
     ctx = sender.client_ssl_context(dest.tls)
     assert ctx is not None and ctx.check_hostname
     assert sender.client_ssl_context(dataclasses.replace(dest.tls, cert="", ca="")) is None
+
+
+@needs_storescp
+def test_delivered_over_tls_to_a_real_tls_peer(node: Node, storescp: Callable[..., StoreSCP],
+                                               tls_files: tuple[Path, Path],
+                                               tmp_path: Path) -> None:
+    """dcmtk storescp with +tls, requiring and checking our client certificate: the SR
+    arrives. A destination whose certificate we do not trust gets nothing (retried later;
+    pynetdicom logs the verification error, the row says the handshake failed)."""
+    cert, key = tls_files
+    scp = storescp("+tls", str(key), str(cert), "+cf", str(cert), "--require-peer-cert")
+    tls = {"cert": str(cert), "key": str(key), "ca": str(cert)}
+    base = node.config(scp.port)
+    config = dataclasses.replace(base, destinations=(dataclasses.replace(
+        base.destinations[0], tls=build_config(
+            {"destinations": [{"ae_title": "X", "host": "h", "port": 1, "tls": tls}]},
+            env={"TRIAGE_NODE_DATA_DIR": str(tmp_path)}).destinations[0].tls),))
+    assert sender.queue_results_for_delivery(node.factory, config, node.study.series_uid)
+    assert sender.deliver_due(config, node.factory) == 1
+    row = only(node.factory)
+    assert row.state is DeliveryState.SENT, row.last_error
+    (received,) = scp.received()
+    assert received.SOPInstanceUID == row.sop_instance_uid
+
+    # Another server certificate, not the one we trust: no TLS session, nothing sent.
+    other = tmp_path / "other"
+    other.mkdir()
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(other / "key.pem"), "-out", str(other / "cert.pem")],
+                   check=True, capture_output=True, timeout=60)
+    impostor = storescp("+tls", str(other / "key.pem"), str(other / "cert.pem"), "+cf",
+                        str(cert), "--require-peer-cert")
+    config2 = dataclasses.replace(config, destinations=(dataclasses.replace(
+        config.destinations[0], port=impostor.port),))
+    node.store_result(0.99)  # a recomputed result: a new SR, for the impostor only
+    assert sender.queue_results_for_delivery(node.factory, config2, node.study.series_uid)
+    sender.deliver_due(config2, node.factory)
+    pending = [d for d in deliveries(node.factory) if d.destination.endswith(
+        f":{impostor.port}")]
+    assert [d.state for d in pending] == [DeliveryState.PENDING]
+    assert "tls handshake failed" in (pending[0].last_error or "").lower(), pending[0].last_error
+    assert impostor.received() == []
