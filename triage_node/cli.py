@@ -85,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON output")
     p.add_argument("--limit", type=int, default=None)
 
+    p = sub.add_parser("retention", parents=[common],
+                       help="remove images (and rows) of settled series past [retention]")
+    p.add_argument("--dry-run", action="store_true",
+                   help="show what would be removed; change nothing")
+
     p = sub.add_parser("audit", parents=[common],
                        help="print the audit trail (associations, instances, results, ...)")
     p.add_argument("--since", type=_since, default=None, metavar="WHEN",
@@ -288,6 +293,26 @@ def _since(text: str) -> dt.datetime:
         raise argparse.ArgumentTypeError(
             f"{text!r} is neither an ISO 8601 time nor an age like 24h") from None
     return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+def _cmd_retention(args: argparse.Namespace, config: Config) -> int:
+    from triage_node.retention import run_retention
+
+    report = run_retention(config, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for s in report.images_series:
+        print(f"{verb} images  {s.series_instance_uid}  {s.state.value}  last received "
+              f"{s.last_received_at.strftime('%Y-%m-%dT%H:%M:%SZ')}")
+    for s in report.rows_series:
+        print(f"{verb} rows    {s.series_instance_uid}  {s.state.value}  last received "
+              f"{s.last_received_at.strftime('%Y-%m-%dT%H:%M:%SZ')}")
+    r = config.retention
+    print(f"{'dry run: ' if args.dry_run else ''}{verb} {report.files} image file(s), "
+          f"{report.bytes / 2**20:.1f} MiB, of {len(report.images_series)} series "
+          f"(images_days={r.images_days}); rows of {len(report.rows_series)} series"
+          + (f" and {report.events} audit event(s)" if not args.dry_run else "")
+          + f" (rows_days={r.rows_days})")
+    return 0
 
 
 def _cmd_audit(args: argparse.Namespace, config: Config) -> int:
@@ -532,6 +557,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_series(args, config)
         if args.command == "audit":
             return _cmd_audit(args, config)
+        if args.command == "retention":
+            return _cmd_retention(args, config)
         if args.command == "phantom":
             return _cmd_phantom(args)
         if args.command == "model":

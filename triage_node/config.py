@@ -218,6 +218,18 @@ class ApiConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RetentionConfig:
+    """``[retention]``: what ``triage-node retention`` removes, and when."""
+
+    #: spooled images of settled series (done with every SR delivered, or not triaged)
+    #: older than this many days are removed; 0 = keep them forever
+    images_days: int = 30
+    #: database rows of settled series, and audit events, older than this many days are
+    #: removed; 0 = keep them forever (must be 0 or >= images_days)
+    rows_days: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     """``[logging]``."""
 
@@ -235,6 +247,7 @@ class Config:
     database: DatabaseConfig
     triage: TriageConfig = field(default_factory=TriageConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     destinations: tuple[DestinationConfig, ...] = ()
     api: ApiConfig = field(default_factory=ApiConfig)
@@ -530,6 +543,14 @@ def build_config(
         raise qu.fail("spool_url", queue.spool_url, "expected http://host:port")
     qu.check_unknown()
 
+    re_sec = root.sub("retention")
+    retention = RetentionConfig(images_days=re_sec.int_("images_days", 30, 0, 36500),
+                                rows_days=re_sec.int_("rows_days", 0, 0, 36500))
+    re_sec.check_unknown()
+    if retention.rows_days and retention.rows_days < retention.images_days:
+        raise re_sec.fail("rows_days", retention.rows_days,
+                          f"must be 0 or >= images_days ({retention.images_days})")
+
     mo = root.sub("model")
     model = ModelConfig(path=mo.str_("path", ""), device=mo.str_("device", "auto"))
     mo.check_unknown()
@@ -560,6 +581,7 @@ def build_config(
         database=DatabaseConfig(url=url),
         triage=triage,
         queue=queue,
+        retention=retention,
         model=model,
         destinations=destinations,
         api=api,

@@ -54,6 +54,7 @@ class EventKind(StrEnum):
     FEEDBACK_RECORDED = "feedback_recorded"  # a radiologist's verdict on a series
     RESULT_STORED = "result_stored"  # a series was classified (outcome: flagged/negative)
     SERIES_FAILED = "series_failed"  # a series could not be classified (detail: why)
+    IMAGES_REMOVED = "images_removed"  # retention removed a series' spooled images
 
 
 @dataclass(frozen=True, slots=True)
