@@ -39,7 +39,9 @@ def read_header(path: Path) -> Dataset:
     Raises
     ------
     InvalidDatasetError
-        If the file is not DICOM or its header cannot be decoded.
+        If the file is not DICOM, its header cannot be decoded, or the dataset's VR
+        encoding is not the one its transfer syntax (the presentation context it came
+        in) says: pydicom would read it anyway, other readers would not.
     """
     try:
         ds = dcmread(path, stop_before_pixels=True)
@@ -49,7 +51,35 @@ def read_header(path: Path) -> Dataset:
     except (InvalidDicomError, ValueError, KeyError, TypeError, EOFError,
             OSError, NotImplementedError) as exc:
         raise InvalidDatasetError(f"cannot parse dataset header: {exc}") from exc
+    syntax = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", ""))
+    if syntax in (IMPLICIT_VR_LE, EXPLICIT_VR_LE):
+        explicit = _starts_explicit(path)
+        if explicit is not None and explicit != (syntax == EXPLICIT_VR_LE):
+            raise InvalidDatasetError(
+                f"the dataset is encoded in {'explicit' if explicit else 'implicit'} VR but "
+                f"its transfer syntax {syntax} is {'implicit' if explicit else 'explicit'} VR")
     return ds
+
+
+IMPLICIT_VR_LE = "1.2.840.10008.1.2"
+EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
+_VRS = frozenset(v.encode() for v in (
+    "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "OB", "OD", "OF",
+    "OL", "OV", "OW", "PN", "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI", "UL", "UN",
+    "UR", "US", "UT", "UV"))
+
+
+def _starts_explicit(path: Path) -> bool | None:
+    """Whether the dataset after the file meta begins with an explicit-VR element (the test
+    pydicom itself uses); None when the file is too short to tell."""
+    with path.open("rb") as f:
+        head = f.read(144)
+        if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
+            return None
+        meta_length = int.from_bytes(head[140:144], "little")
+        f.seek(144 + meta_length)
+        first = f.read(8)
+    return None if len(first) < 8 else first[4:6] in _VRS
 
 
 def _text(value: Any, limit: int = _MAX_TEXT) -> str:
@@ -102,6 +132,38 @@ def triage_eligibility(ds: Dataset, sop_class_uid: str) -> tuple[InstanceState, 
     return InstanceState.STORED, None
 
 
+#: Largest matrix a triageable CT slice may claim (CT is 512 x 512, rarely 1024 or 2048).
+MAX_MATRIX = 4096
+
+#: Transfer syntaxes whose pixel data length follows from the image geometry.
+_NATIVE_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"})
+
+
+def pixel_problem(ds: Dataset, transfer_syntax_uid: str, file_size: int) -> str | None:
+    """Why a slice's image cannot be used, judged from its header and file size; or None.
+
+    The header parse stops before the pixel data, so a missing or short Pixel Data
+    element shows only as a file too small for Rows x Columns x BitsAllocated (checked for
+    native transfer syntaxes; compressed data is checked when it is decoded).
+    """
+    rows, cols = _int(_get(ds, "Rows")), _int(_get(ds, "Columns"))
+    if not rows or not cols or rows < 1 or cols < 1:
+        return "no image: Rows/Columns missing"
+    if rows > MAX_MATRIX or cols > MAX_MATRIX:
+        return f"matrix {rows}x{cols} is larger than a CT slice (at most {MAX_MATRIX})"
+    bits = _int(_get(ds, "BitsAllocated"))
+    if bits not in (8, 16, 32):
+        return f"BitsAllocated {bits} is not 8, 16 or 32"
+    if transfer_syntax_uid in _NATIVE_SYNTAXES:
+        samples = _int(_get(ds, "SamplesPerPixel")) or 1
+        frames = _int(_get(ds, "NumberOfFrames")) or 1
+        needed = rows * cols * samples * frames * bits // 8
+        if file_size < needed:
+            return (f"pixel data missing or short: the file has {file_size} bytes, "
+                    f"{rows}x{cols}x{bits} bits need {needed}")
+    return None
+
+
 def instance_record(
     ds: Dataset,
     *,
@@ -114,6 +176,10 @@ def instance_record(
 ) -> InstanceRecord:
     """Build the database record of one stored instance from its header."""
     state, reason = triage_eligibility(ds, sop_class_uid)
+    if state is InstanceState.STORED:
+        problem = pixel_problem(ds, transfer_syntax_uid, file_size)
+        if problem:
+            state, reason = InstanceState.NOT_FOR_TRIAGE, problem
     return InstanceRecord(
         sop_instance_uid=_text(_get(ds, "SOPInstanceUID"), 128),
         sop_class_uid=sop_class_uid,
