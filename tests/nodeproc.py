@@ -73,6 +73,7 @@ host = "127.0.0.1"
 port = {port}
 processes = {processes}
 {extra}
+{"" if "[api]" in extra else f"[api]{chr(10)}port = {free_port()}"}
 [storage]
 path = "{spool}"
 min_free_mb = {min_free_mb}

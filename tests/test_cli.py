@@ -108,9 +108,10 @@ def test_send_missing_path_fails_cleanly(tmp_path: Path) -> None:
 
 
 def test_receiving_side_never_imports_torch() -> None:
-    """The SCP must start fast and stay small: importing it must not pull in torch/monai."""
+    """The SCP and the API must start fast and stay small: no torch/monai on import."""
     code = ("import sys, triage_node.scp, triage_node.cli, triage_node.scu, triage_node.store, "
-            "triage_node.series, triage_node.tasks; "
+            "triage_node.series, triage_node.tasks, triage_node.api, triage_node.api.app, "
+            "triage_node.api.health, triage_node.store.worklist; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'monai')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -44,6 +44,7 @@ from triage_node.domain import (
     utcnow,
 )
 from triage_node.errors import InvalidDatasetError
+from triage_node.keyimage import store_key_images
 from triage_node.pipeline import Predictor
 from triage_node.preprocess import context_indices, series_fov, slice_position
 from triage_node.series import SliceOrder, order_slices
@@ -207,3 +208,23 @@ def classify_series(factory: sessionmaker[Session], source: SliceStore, predicto
              len(result.slices) - len(missing), plan.info.duplicates, plan.info.gaps,
              time.perf_counter() - t0, state.value)
     return result
+
+
+def render_key_images(factory: sessionmaker[Session], source: SliceStore, predictor: Predictor,
+                      series_instance_uid: str) -> bool:
+    """Render and store the key images (plain and heatmap) of a classified series.
+
+    Run after the result (and its SR) went out: the images only illustrate the result in
+    the worklist, so a failure is logged and False returned.
+    """
+    result = store.get_result(factory, series_instance_uid)
+    plan = _plan(factory, source, predictor, series_instance_uid) if result else None
+    if result is None or plan is None:
+        return False
+    try:
+        return store_key_images(
+            factory, predictor, result, plan.headers,
+            load=lambda i: _read(source, plan.ordered[i], header_only=False))
+    finally:
+        if isinstance(source, RemoteSpool):
+            source.discard([r.file_path for r in plan.ordered])

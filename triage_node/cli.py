@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-assembler", action="store_true",
                    help="only classify; another process decides complete series")
 
+    p = sub.add_parser("api", parents=[common],
+                       help="run the radiologist worklist API and page (FastAPI + uvicorn)")
+    p.add_argument("--api-host", dest="api_host", help="override [api] host")
+    p.add_argument("--api-port", dest="api_port", type=int, help="override [api] port")
+    p.add_argument("--data-dir", type=Path, help="data directory (spool and SQLite)")
+
     p = sub.add_parser("db", parents=[common], help="database maintenance")
     dbsub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     dbsub.add_parser("upgrade", parents=[common], help="apply schema migrations (idempotent)")
@@ -239,6 +245,9 @@ def _load(args: argparse.Namespace) -> Config:
     dicom = config.dicom
     overrides = {k: getattr(args, k, None) for k in ("host", "port", "ae_title", "processes")}
     dicom = replace(dicom, **{k: v for k, v in overrides.items() if v is not None})
+    api_overrides = {k: getattr(args, f"api_{k}", None) for k in ("host", "port")}
+    config = replace(config, api=replace(
+        config.api, **{k: v for k, v in api_overrides.items() if v is not None}))
     level = args.log_level or config.logging.level
     as_json = args.log_json if args.log_json is not None else config.logging.json
     return replace(config, dicom=dicom,
@@ -267,10 +276,13 @@ def _cmd_worker(args: argparse.Namespace, config: Config) -> int:
 
 def _cmd_serve(config: Config) -> int:
     from triage_node import tasks
+    from triage_node.api import api_main
+    from triage_node.api.auth import Authenticator
     from triage_node.scp import run_scp
 
     _log_effective(config)
-    return run_scp(config, extra_children=[("worker", tasks.worker_main),
+    Authenticator(config.api)  # refuse now, not in a child restarted in a loop
+    return run_scp(config, extra_children=[("worker", tasks.worker_main), ("api", api_main),
                                            *_spool_server(config)])
 
 
@@ -341,6 +353,20 @@ def _cmd_audit(args: argparse.Namespace, config: Config) -> int:
                 e.at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), f"{e.kind.value:<20}",
                 f"actor={e.actor or '-'}", f"peer={e.peer or '-'}",
                 f"outcome={e.outcome or '-'}", about, e.detail) if part))
+    return 0
+
+
+def _cmd_api(config: Config) -> int:
+    from triage_node import store
+    from triage_node.api import serve_app
+
+    _log_effective(config)
+    store.upgrade(config.database.url)
+    try:
+        serve_app(config)
+    except ConfigError as exc:  # e.g. bound beyond loopback without credentials
+        print(f"triage-node: configuration error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -549,6 +575,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_worker(args, config)
         if args.command == "db":
             return _cmd_db(args, config)
+        if args.command == "api":
+            return _cmd_api(config)
         if args.command == "send":
             return _cmd_send(args)
         if args.command == "echo":

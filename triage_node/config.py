@@ -208,6 +208,18 @@ class ResultsConfig:
     poll_seconds: float = 2.0
 
 
+API_AUTH_MODES = ("auto", "required")
+
+
+@dataclass(frozen=True, slots=True)
+class ApiUser:
+    """One ``[[api.users]]`` entry: a radiologist who signs in with HTTP basic auth."""
+
+    name: str
+    #: hex SHA-256 of the password (``printf %s PASSWORD | sha256sum``)
+    password_sha256: str
+
+
 @dataclass(frozen=True, slots=True)
 class ApiConfig:
     """``[api]``: the worklist API and page."""
@@ -215,6 +227,10 @@ class ApiConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_API_PORT
     token: str = ""
+    #: "auto": credentials (``token`` or ``users``) are required when ``host`` is not a
+    #: loopback address, and checked whenever configured; "required": also on loopback
+    auth: str = "auto"
+    users: tuple[ApiUser, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +280,8 @@ class Config:
         data["queue"]["broker_url"] = redact_url(self.queue.broker_url)
         if self.api.token:
             data["api"]["token"] = "***"
+        for user in data["api"]["users"]:
+            user["password_sha256"] = "***"
         if self.storage.http_token:
             data["storage"]["http_token"] = "***"
         return data
@@ -430,6 +448,25 @@ def _destinations(raw: Any) -> tuple[DestinationConfig, ...]:
     return tuple(out)
 
 
+def _api_users(section: _Section) -> tuple[ApiUser, ...]:
+    raw = section._get("users", [])
+    if not isinstance(raw, list):
+        raise section.fail("users", raw, "expected [[api.users]] tables {name, password_sha256}")
+    users: list[ApiUser] = []
+    for i, item in enumerate(raw):
+        sub = _Section(item, f"{section.prefix}users[{i}].")
+        user = ApiUser(name=sub.str_("name", ""), password_sha256=sub.str_("password_sha256", ""))
+        sub.check_unknown()
+        if not user.name or ":" in user.name or any(c.isspace() for c in user.name):
+            raise sub.fail("name", user.name, "a user name is non-empty, without ':' or spaces")
+        if not re.fullmatch(r"[0-9a-f]{64}", user.password_sha256.lower()):
+            raise sub.fail("password_sha256", "...", "expected 64 hex digits (sha256sum)")
+        if any(u.name == user.name for u in users):
+            raise sub.fail("name", user.name, "duplicate user")
+        users.append(dataclasses.replace(user, password_sha256=user.password_sha256.lower()))
+    return tuple(users)
+
+
 def _results(section: _Section) -> ResultsConfig:
     cfg = ResultsConfig(
         send_negative=section.bool_("send_negative", False),
@@ -560,9 +597,13 @@ def build_config(
         host=api_sec.host_("host", "127.0.0.1"),
         port=api_sec.int_("port", DEFAULT_API_PORT, 0, 65535),
         token=env.get(ENV_API_TOKEN) or api_sec.str_("token", ""),
+        auth=api_sec.str_("auth", "auto"),
+        users=_api_users(api_sec),
     )
     api_sec.used.add("token")
     api_sec.check_unknown()
+    if api.auth not in API_AUTH_MODES:
+        raise api_sec.fail("auth", api.auth, f"expected one of {', '.join(API_AUTH_MODES)}")
 
     lg = root.sub("logging")
     level = lg.str_("level", "INFO").upper()

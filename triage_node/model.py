@@ -100,12 +100,44 @@ def _resnet(depth: int) -> Callable[[int, int], torch.nn.Module]:
     return build
 
 
+def _small_cnn(in_channels: int, num_classes: int) -> torch.nn.Module:
+    # A small CNN for CPU CI and the shipped demo model (0.53 M parameters, 2.1 MB): four
+    # stages of two MONAI conv-BN-ReLU units (the first strided), global average pooling
+    # (so any input size works), dropout, one linear layer.
+    from monai.networks.blocks.convolutions import Convolution
+
+    layers: list[torch.nn.Module] = []
+    channels_in = in_channels
+    for channels_out in (24, 48, 96, 160):
+        for stride in (2, 1):
+            layers.append(
+                Convolution(
+                    spatial_dims=2,
+                    in_channels=channels_in,
+                    out_channels=channels_out,
+                    strides=stride,
+                    kernel_size=3,
+                    act="RELU",
+                    norm="BATCH",
+                )
+            )
+            channels_in = channels_out
+    return torch.nn.Sequential(
+        *layers,
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(channels_in, num_classes),
+    )
+
+
 _BUILDERS: dict[str, Callable[[int, int], torch.nn.Module]] = {
     "efficientnet-b0": _efficientnet_b0,
     "densenet121": _densenet121,
     "resnet18": _resnet(18),
     "resnet34": _resnet(34),
     "resnet50": _resnet(50),
+    "small-cnn": _small_cnn,
 }
 
 #: Architectures :func:`build_network` knows, by the name stored in artifacts.

@@ -71,7 +71,7 @@ def make_celery(config: Config) -> Celery:
     @app.task(name=CLASSIFY_TASK, bind=True, max_retries=5, acks_late=True,
               reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
     def classify(self: Any, series_instance_uid: str) -> bool:
-        from triage_node.classify import classify_series
+        from triage_node.classify import classify_series, render_key_images
         from triage_node.errors import InvalidDatasetError, StoreError
 
         ctx = _worker_context(config)
@@ -81,6 +81,8 @@ def make_celery(config: Config) -> Celery:
             # Also when this is a redelivery of a task that classified but did not queue
             # the SR: queuing is idempotent, and it does nothing without a result.
             _queue_sr(config, ctx, series_instance_uid)
+            if classified:  # the worklist's key images, once the SR is on its way
+                render_key_images(ctx.factory, ctx.source, ctx.predictor, series_instance_uid)
             return classified
         except StoreError as exc:  # database or spool server may be back soon: back off
             raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries)) from exc
@@ -271,6 +273,10 @@ def worker_main(config: Config, *, assembler: bool = True) -> None:
         stop.wait()
         return
     warm_up(config)  # the solo pool runs tasks in this process: load the model once, now
+    from triage_node.store.worklist import run_heartbeat  # /healthz: a worker is alive
+
+    threading.Thread(target=run_heartbeat, name="heartbeat", daemon=True, args=(
+        store.make_session_factory(store.make_engine(config.database.url)), stop)).start()
     try:
         app.worker_main(["worker", "--pool=solo", "--concurrency=1", "--without-gossip",
                          "--without-mingle", f"--loglevel={config.logging.level}",

@@ -259,3 +259,47 @@ class OutboxItem(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+
+class Feedback(Base):
+    """A radiologist's verdict on a series (append-only: the latest one is the label)."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    series_fk: Mapped[int] = mapped_column(sa.ForeignKey("series.id"), index=True)
+    user: Mapped[str] = mapped_column(sa.String)
+    ich: Mapped[bool] = mapped_column(sa.Boolean)
+    subtypes: Mapped[dict[str, Any]] = mapped_column(sa.JSON)  # subtype label -> bool
+    comment: Mapped[str] = mapped_column(sa.Text, default="")
+    #: ``series_result.stored_at`` of the result the radiologist saw (None: no result yet)
+    result_stored_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class KeyImage(Base):
+    """The key slice of a series' result as PNGs: brain window, and with the heatmap."""
+
+    __tablename__ = "key_image"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    series_fk: Mapped[int] = mapped_column(sa.ForeignKey("series.id"), unique=True)
+    sop_instance_uid: Mapped[str] = mapped_column(sa.String(UID_LENGTH))
+    method: Mapped[str] = mapped_column(sa.String(_STATE_LENGTH))  # "gradcam", ...
+    model_sha256: Mapped[str] = mapped_column(sa.String(64))
+    plain_png: Mapped[bytes] = mapped_column(sa.LargeBinary)
+    heatmap_png: Mapped[bytes] = mapped_column(sa.LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class WorkerHeartbeat(Base):
+    """The last sign of life of each classification worker (``/healthz`` reads it)."""
+
+    __tablename__ = "worker_heartbeat"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String, unique=True)  # "triage@host:pid"
+    hostname: Mapped[str] = mapped_column(sa.String)
+    pid: Mapped[int] = mapped_column(sa.Integer)
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    beat_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
