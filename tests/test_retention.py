@@ -140,14 +140,19 @@ def test_rows_pruned_after_rows_days(tmp_path: Path, database_url: str,
     _classify(f, old)
     kept = _ingest(tmp_path, f, 12, dt.timedelta(days=31))
     _classify(f, kept)
+    labelled = _ingest(tmp_path, f, 13, OLD)
+    _classify(f, labelled)
+    store.record_feedback(f, labelled.series_uid, user="dr_a", ich=True,
+                          subtypes={"subdural": True})
     store.save_slice_predictions(f, "ef" * 32, [(s.sop_uid, "n", (0.1,) * 6)
                                                 for s in old.slices])
     report = run_retention(config, dry_run=False)
     assert [s.series_instance_uid for s in report.rows_series] == [old.series_uid]
     uids = {s.series_instance_uid for s in store.list_series(f)}
-    assert uids == {kept.series_uid}
+    assert uids == {kept.series_uid, labelled.series_uid}, "feedback rows are labels: kept"
     assert store.get_result(f, old.series_uid) is None
-    assert store.count_instances(f) == 4
+    assert store.count_instances(f) == 8
+    assert [x.series_instance_uid for x in store.feedback_labels(f)] == [labelled.series_uid]
     assert store.get_result(f, kept.series_uid) is not None, "younger than rows_days"
     # The kept series is past images_days (31 > 30): its images went, its rows stay.
     assert _spool_files(tmp_path) == set()

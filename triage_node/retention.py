@@ -2,7 +2,8 @@
 their database rows after ``rows_days`` (0 = never).
 
 Never before a series is settled (:mod:`triage_node.store.retention`): done with every SR
-delivered, or not triaged. Each removal is an audit event. ``triage-node retention
+delivered, or not triaged. Rows of series with radiologist feedback are kept (training
+labels); their images go like any other's. Each removal is an audit event. ``triage-node retention
 --dry-run`` reports what a run would remove and changes nothing; the systemd timer
 (``systemd/triage-node-retention.timer``) runs it daily.
 """
@@ -73,7 +74,8 @@ def run_retention(config: Config, *, dry_run: bool, now: dt.datetime | None = No
                     series_instance_uid=series.series_instance_uid)])
         if rules.rows_days:
             cutoff = now - dt.timedelta(days=rules.rows_days)
-            report.rows_series = settled_series(factory, older_than=cutoff)
+            report.rows_series = settled_series(factory, older_than=cutoff,
+                                                keep_labelled=True)
             if not dry_run:
                 for series in report.rows_series:  # their images went at images_days
                     for rel, _ in series.files:

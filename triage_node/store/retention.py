@@ -20,6 +20,7 @@ from triage_node.domain import DeliveryState, SeriesState
 from triage_node.store.models import (
     Base,
     Event,
+    Feedback,
     Instance,
     OutboxItem,
     Patient,
@@ -38,6 +39,7 @@ _PATIENT = cast(sa.Table, Patient.__table__)
 _EVENT = cast(sa.Table, Event.__table__)
 _DOCUMENT = cast(sa.Table, ResultDocument.__table__)
 _OUTBOX = cast(sa.Table, OutboxItem.__table__)
+_FEEDBACK = cast(sa.Table, Feedback.__table__)
 
 #: Series states retention may act on (with the delivery condition for ``done``).
 SETTLED_STATES = (SeriesState.DONE.value, SeriesState.NOT_TRIAGED.value)
@@ -53,9 +55,13 @@ class SettledSeries:
     files: tuple[tuple[str, int], ...]  # (path relative to the spool root, size)
 
 
-def settled_series(session_factory: sessionmaker[Session], *,
-                   older_than: dt.datetime) -> list[SettledSeries]:
-    """Settled series whose last instance arrived before ``older_than``, oldest first."""
+def settled_series(session_factory: sessionmaker[Session], *, older_than: dt.datetime,
+                   keep_labelled: bool = False) -> list[SettledSeries]:
+    """Settled series whose last instance arrived before ``older_than``, oldest first.
+
+    ``keep_labelled`` leaves out series a radiologist gave feedback on: that feedback is
+    training data (``triage-node train --from-store``), kept until it is exported.
+    """
     older_than = _check_aware(older_than, "older_than")
     s, i, d, o = _SERIES.c, _INSTANCE.c, _DOCUMENT.c, _OUTBOX.c
     undelivered = (
@@ -70,6 +76,10 @@ def settled_series(session_factory: sessionmaker[Session], *,
         .where(s.state.in_(SETTLED_STATES), s.last_received_at < older_than, ~undelivered)
         .order_by(s.last_received_at, s.id)
     )
+    if keep_labelled:
+        f = _FEEDBACK.c
+        series_stmt = series_stmt.where(
+            ~sa.select(sa.literal(1)).where(f.series_fk == s.id).exists())
     with _transaction(session_factory, "find settled series", read_only=True) as session:
         rows = session.execute(series_stmt).all()
         files: dict[int, list[tuple[str, int]]] = {row.id: [] for row in rows}
