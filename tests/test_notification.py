@@ -3,8 +3,11 @@ embedded transport) -> SR at a dcmtk storescp standing in for the PACS."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
+import tomllib
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,10 @@ from triage_node.phantom import generate_study
 from triage_node.preprocess import PreprocessSpec
 
 pytestmark = pytest.mark.skipif(not (DCMTK / "storescp").exists(), reason="dcmtk not installed")
+
+
+def _api_port(config: Path) -> int:
+    return int(tomllib.loads(config.read_text())["api"]["port"])
 
 
 def test_serve_classifies_and_delivers_the_sr(tmp_path: Path) -> None:
@@ -57,6 +64,16 @@ def test_serve_classifies_and_delivers_the_sr(tmp_path: Path) -> None:
             result = store.get_result(factory, truth.series_uid)
             assert result is not None
             [delivery] = store.list_deliveries(factory, series_instance_uid=truth.series_uid)
+            # serve also runs the worklist API: healthy (database, broker, worker heartbeat)
+            # and listing the series with its result and SR state.
+            api = f"http://127.0.0.1:{_api_port(node.config)}"
+            health = json.loads(urllib.request.urlopen(f"{api}/healthz", timeout=10).read())
+            assert health["ok"], health
+            rows = json.loads(urllib.request.urlopen(urllib.request.Request(
+                f"{api}/api/worklist", headers={"X-Requested-With": "triage-node"}),
+                timeout=10).read())["rows"]
+            [row] = [r for r in rows if r["series_instance_uid"] == truth.series_uid]
+            assert row["state"] == "done"
             engine.dispose()
             assert node.stop() == 0
         [path] = [p for p in received.iterdir() if p.is_file()]
