@@ -606,7 +606,7 @@ def test_results_config_defaults_and_example(tmp_path: Path) -> None:
         ('[results]\nbackoff_base_seconds = 10.0\nbackoff_max_seconds = 5.0',
          "results.backoff_max_seconds = 5.0: must be >= backoff_base_seconds"),
         ('[results]\ntimeout = 0', "results.timeout = 0"),
-        ('[results]\nkey_image = true', "unknown key results.key_image"),
+        ('[results]\nkey_images = true', "unknown key results.key_images"),
     ],
 )
 def test_results_config_errors_name_the_key(tmp_path: Path, toml: str, message: str) -> None:

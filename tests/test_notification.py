@@ -53,9 +53,9 @@ def test_serve_classifies_and_delivers_the_sr(tmp_path: Path) -> None:
             factory = store.make_session_factory(engine)
             deadline = time.monotonic() + 120
 
-            def sent() -> bool:
+            def sent() -> bool:  # the SR and the key-image SC
                 rows = store.list_deliveries(factory, series_instance_uid=truth.series_uid)
-                return bool(rows) and rows[0].state is DeliveryState.SENT
+                return len(rows) == 2 and all(r.state is DeliveryState.SENT for r in rows)
 
             while not sent():
                 assert node.proc.poll() is None, node.log_text()[-3000:]
@@ -63,7 +63,7 @@ def test_serve_classifies_and_delivers_the_sr(tmp_path: Path) -> None:
                 time.sleep(0.1)
             result = store.get_result(factory, truth.series_uid)
             assert result is not None
-            [delivery] = store.list_deliveries(factory, series_instance_uid=truth.series_uid)
+            deliveries = store.list_deliveries(factory, series_instance_uid=truth.series_uid)
             # serve also runs the worklist API: healthy (database, broker, worker heartbeat)
             # and listing the series with its result and SR state.
             api = f"http://127.0.0.1:{_api_port(node.config)}"
@@ -76,16 +76,24 @@ def test_serve_classifies_and_delivers_the_sr(tmp_path: Path) -> None:
             assert row["state"] == "done"
             engine.dispose()
             assert node.stop() == 0
-        [path] = [p for p in received.iterdir() if p.is_file()]
-        sr = dcmread(path)
-        assert sr.Modality == "SR" and sr.SOPInstanceUID == delivery.sop_instance_uid
-        assert sr.StudyInstanceUID == truth.study_uid, "filed into the patient's study"
-        assert sr.SeriesInstanceUID != truth.series_uid, "in a series of its own"
-        check = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True,
-                               text=True, timeout=60)
-        errors = [ln for ln in (check.stdout + check.stderr).splitlines()
-                  if ln.startswith("Error")]
-        assert errors == [], errors
+        files = {dcmread(p).Modality: p for p in received.iterdir() if p.is_file()}
+        assert sorted(files) == ["OT", "SR"], files
+        sr, sc = dcmread(files["SR"]), dcmread(files["OT"])
+        assert {sr.SOPInstanceUID, sc.SOPInstanceUID} == {d.sop_instance_uid
+                                                          for d in deliveries}
+        for ds in (sr, sc):
+            assert ds.StudyInstanceUID == truth.study_uid, "filed into the patient's study"
+            assert ds.SeriesInstanceUID != truth.series_uid, "in a series of its own"
+        assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+        assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == \
+            result.key_sop_instance_uid
+        assert sc.pixel_array.shape[2] == 3, "RGB: the slice with its heatmap"
+        for path in files.values():
+            check = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True,
+                                   text=True, timeout=60)
+            errors = [ln for ln in (check.stdout + check.stderr).splitlines()
+                      if ln.startswith("Error")]
+            assert errors == [], (path, errors)
     finally:
         pacs.terminate()
         pacs.wait(10)

@@ -19,6 +19,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 
+from triage_node import sr
 from triage_node.domain import LABELS, SeriesResult
 from triage_node.phantom import StudyTruth, generate_study
 from triage_node.sr import FINDING_CODES, build_sr, sr_series_uid
@@ -393,3 +394,34 @@ def test_sr_series_uid_is_stable() -> None:
     assert sr_series_uid("1.2.3") == sr_series_uid("1.2.3") != sr_series_uid("1.2.4")
     with pytest.raises(ValueError, match="source_series_instance_uid"):
         sr_series_uid("")
+
+
+def test_key_image_secondary_capture(tmp_path: Path, study: StudyTruth,
+                                     headers: list[Dataset]) -> None:
+    """The key-image SC: valid (dciodvfy), RGB as given, in the patient's study, in its own
+    series, pointing at the key slice; a wrong array or key slice is refused."""
+    import numpy as np
+
+    result = make_result(study)
+    key = headers[6]
+    rgb = np.zeros((96, 80, 3), np.uint8)
+    rgb[10:20, 30:40] = (255, 0, 0)
+    sc = sr.build_key_image(key, rgb, result, disclaimer="Triage aid - not for diagnostic use")
+    assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+    assert (sc.PatientID, sc.StudyInstanceUID) == (key.PatientID, key.StudyInstanceUID)
+    assert sc.SeriesInstanceUID == sr.key_image_series_uid(study.series_uid) != \
+        sr.sr_series_uid(study.series_uid)
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == key.SOPInstanceUID
+    assert "SUSPECTED ICH" in sc.ImageComments and "not for diagnostic use" in sc.ImageComments
+    path = write(sc, tmp_path / "sc.dcm")
+    back = dcmread(path)
+    assert np.array_equal(back.pixel_array, rgb)
+    if DCIODVFY.exists():
+        run = subprocess.run([str(DCIODVFY), str(path)], capture_output=True, text=True,
+                             timeout=60)
+        errors = [ln for ln in (run.stdout + run.stderr).splitlines() if ln.startswith("Error")]
+        assert errors == []
+    with pytest.raises(ValueError, match="rgb"):
+        sr.build_key_image(key, rgb[..., 0], result, disclaimer="x")
+    with pytest.raises(ValueError, match="key slice"):
+        sr.build_key_image(headers[0], rgb, result, disclaimer="x")

@@ -206,6 +206,8 @@ class ResultsConfig:
     timeout: float = 30.0
     #: how often the delivery loop looks for due deliveries, seconds
     poll_seconds: float = 2.0
+    #: also send a Secondary Capture key image (key slice + heatmap) with each SR
+    key_image: bool = True
 
 
 API_AUTH_MODES = ("auto", "required")
@@ -476,6 +478,7 @@ def _results(section: _Section) -> ResultsConfig:
         backoff_max_seconds=section.float_("backoff_max_seconds", 3600.0, 0.01, 7 * 86400),
         timeout=section.float_("timeout", 30.0, 0.1, 3600),
         poll_seconds=section.float_("poll_seconds", 2.0, 0.01, 3600),
+        key_image=section.bool_("key_image", True),
     )
     section.check_unknown()
     if not cfg.disclaimer.strip():

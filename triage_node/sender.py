@@ -86,6 +86,11 @@ HeaderReader = Callable[[InstanceRecord], Dataset]
 #: Rows claimed per round of the delivery loop.
 CLAIM_BATCH = 16
 
+#: SOP classes of the documents we send: the SR (Comprehensive 3D SR, what highdicom's TID
+#: 1500 report is) and the key image (Secondary Capture Image Storage).
+SR_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.88.34"
+SC_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.7"
+
 
 # --------------------------------------------------------------------------- queueing
 
@@ -212,7 +217,7 @@ def queue_results_for_delivery(
     if not config.destinations:
         log.debug("no [[destinations]]: the result of %s is not sent", series_instance_uid)
         return None
-    latest = store.latest_document(session_factory, series_instance_uid)
+    latest = store.latest_document(session_factory, series_instance_uid, SR_SOP_CLASS_UID)
     if latest is not None and latest.result_stored_at == result.stored_at:
         return latest.sop_instance_uid  # this result is queued already
     if not (result.flagged or config.results.send_negative or latest is not None):
@@ -252,12 +257,79 @@ def queue_results_for_delivery(
         [destination_key(d) for d in config.destinations],
     )
     if not stored:  # another process queued this result meanwhile
-        again = store.latest_document(session_factory, series_instance_uid)
+        again = store.latest_document(session_factory, series_instance_uid, SR_SOP_CLASS_UID)
         return again.sop_instance_uid if again else None
     log.info("SR %s of series %s queued for %d destination(s)%s", sop_instance_uid,
              series_instance_uid, len(config.destinations),
              f", superseding {latest.sop_instance_uid}" if latest else "")
     return sop_instance_uid
+
+
+def queue_key_image_for_delivery(
+    session_factory: sessionmaker[Session],
+    config: Config,
+    series_instance_uid: str,
+    *,
+    read_header: HeaderReader | None = None,
+) -> str | None:
+    """Queue the key-image Secondary Capture of a result whose SR is queued.
+
+    For PACS that cannot show SR (``[results] key_image``): the key slice in brain window
+    with the classifier's heatmap, as stored by the worker (``store.get_key_images``), in a
+    series of its own in the patient's study. Sent to the same destinations as the SR and
+    only with it; a recomputed result gets a new SC that names the earlier one, and the
+    earlier one, if not yet sent, is superseded. Idempotent.
+
+    Returns
+    -------
+    str or None
+        The SC's SOP Instance UID (queued now or before), or None when there is none to
+        send (option off, no SR queued for this result, no key images stored).
+    """
+    if not (config.results.key_image and config.destinations):
+        return None
+    result = store.get_result(session_factory, series_instance_uid)
+    report = store.latest_document(session_factory, series_instance_uid, SR_SOP_CLASS_UID)
+    if result is None or report is None or report.result_stored_at != result.stored_at:
+        return None  # the SC goes only with the SR of the same result
+    latest = store.latest_document(session_factory, series_instance_uid, SC_SOP_CLASS_UID)
+    if latest is not None and latest.result_stored_at == result.stored_at:
+        return latest.sop_instance_uid
+    images = store.get_key_images(session_factory, series_instance_uid)
+    if images is None or images.sop_instance_uid != result.key_sop_instance_uid:
+        log.info("series %s: no key image of this result stored; no SC sent",
+                 series_instance_uid)
+        return None
+    import numpy as np
+    from PIL import Image
+
+    from triage_node import sr
+
+    rgb = np.asarray(Image.open(io.BytesIO(images.heatmap_png)).convert("RGB"), np.uint8)
+    records = store.series_instances(session_factory, series_instance_uid)
+    key = _evidence(result, records, read_header or _spool_reader(config))[0]
+    document = sr.build_key_image(
+        key, rgb, result, disclaimer=config.results.disclaimer,
+        instance_number=latest.instance_number + 1 if latest else 1)
+    assert result.stored_at is not None  # get_result always sets it
+    uid = str(document.SOPInstanceUID)
+    stored = store.add_document(
+        session_factory,
+        ResultDocument(
+            series_instance_uid=series_instance_uid, sop_instance_uid=uid,
+            sop_class_uid=str(document.SOPClassUID),
+            instance_number=int(document.InstanceNumber),
+            result_stored_at=result.stored_at,
+            supersedes_sop_instance_uid=latest.sop_instance_uid if latest else None,
+            created_at=utcnow(), dataset=_encode(document)),
+        [destination_key(d) for d in config.destinations],
+    )
+    if not stored:
+        again = store.latest_document(session_factory, series_instance_uid, SC_SOP_CLASS_UID)
+        return again.sop_instance_uid if again else None
+    log.info("key image %s of series %s queued for %d destination(s)", uid,
+             series_instance_uid, len(config.destinations))
+    return uid
 
 
 # --------------------------------------------------------------------------- delivery

@@ -35,7 +35,9 @@ import math
 from collections.abc import Mapping, Sequence
 
 import highdicom as hd
+import numpy as np
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
@@ -447,3 +449,100 @@ def _summary(result: SeriesResult, disclaimer: str) -> hd.sr.ContainerContentIte
         ]
     )
     return container
+
+
+#: Series Number of the key-image Secondary Captures (next to the SR series, 9901).
+DEFAULT_KEY_IMAGE_SERIES_NUMBER = 9902
+
+
+def key_image_series_uid(source_series_instance_uid: str) -> str:
+    """The Series Instance UID of the key images about one source series (derived, stable)."""
+    if not isinstance(source_series_instance_uid, str) or not source_series_instance_uid:
+        raise ValueError("source_series_instance_uid must be a non-empty str")
+    return str(generate_uid(UID_ROOT, entropy_srcs=["triage-node-key-image",
+                                                    source_series_instance_uid]))
+
+
+def build_key_image(
+    key: Dataset,
+    rgb: NDArray[np.uint8],
+    result: SeriesResult,
+    *,
+    disclaimer: str,
+    instance_number: int = 1,
+    sop_instance_uid: str | None = None,
+    manufacturer: str = "triage-node",
+) -> Dataset:
+    """A Secondary Capture of the key slice with its heatmap, for PACS that cannot show SR.
+
+    Parameters
+    ----------
+    key : pydicom.Dataset
+        Header of the key slice (``result.key_sop_instance_uid``): patient and study are
+        copied from it, and it is the SC's source image.
+    rgb : numpy.ndarray
+        ``(rows, columns, 3)`` uint8: the key slice in brain window with the heatmap.
+    result : SeriesResult
+        The result shown; its ``any`` probability, flag and model go into the text.
+    disclaimer : str
+        Put into Image Comments, after the result.
+    instance_number : int, optional
+        Instance Number (>= 1) in the key-image series.
+    sop_instance_uid : str, optional
+        A new one when omitted.
+    manufacturer : str, optional
+        Manufacturer of the SC equipment.
+
+    Returns
+    -------
+    pydicom.Dataset
+        The Secondary Capture Image Storage dataset, in its own derived series of the
+        patient's study.
+
+    Raises
+    ------
+    TypeError, ValueError
+        If ``rgb`` is not an (rows, columns, 3) uint8 array or the key slice is not the
+        result's.
+    """
+    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or \
+            rgb.shape[2] != 3:
+        raise ValueError(f"rgb must be a (rows, columns, 3) uint8 array, got "
+                         f"{getattr(rgb, 'shape', None)} {getattr(rgb, 'dtype', type(rgb))}")
+    if str(key.get("SOPInstanceUID", "")) != result.key_sop_instance_uid:
+        raise ValueError("key must be the header of the result's key slice "
+                         f"{result.key_sop_instance_uid}")
+    if isinstance(instance_number, bool) or not isinstance(instance_number, int) or \
+            instance_number < 1:
+        raise ValueError(f"instance_number must be an int >= 1, got {instance_number!r}")
+    header = _reference_header(key)
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=header,
+        pixel_array=np.ascontiguousarray(rgb),
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=key_image_series_uid(result.series_instance_uid),
+        series_number=DEFAULT_KEY_IMAGE_SERIES_NUMBER,
+        sop_instance_uid=sop_instance_uid or str(generate_uid(UID_ROOT)),
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        patient_orientation=("L", "P"),
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+    )
+    sc.PatientName = key.get("PatientName", "")
+    sc.SeriesDescription = "ICH triage key image (AI)"
+    verdict = "SUSPECTED ICH" if result.flagged else "no ICH suspected"
+    sc.ImageComments = (f"{verdict}: any={result.probabilities['any']:.2f} (threshold "
+                        f"{result.threshold:.2f}), {result.model_name} {result.model_version}."
+                        f" Heatmap: where the model looked. {disclaimer}")[:10240]
+    sc.BurnedInAnnotation = "NO"
+    if "Laterality" not in sc:  # type 2C; dciodvfy wants it present (empty: unpaired)
+        sc.Laterality = ""
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.DerivationDescription = "key slice in brain window with the classifier's heatmap"
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = key.SOPClassUID
+    ref.ReferencedSOPInstanceUID = key.SOPInstanceUID
+    sc.SourceImageSequence = [ref]
+    return sc

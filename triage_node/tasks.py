@@ -81,8 +81,10 @@ def make_celery(config: Config) -> Celery:
             # Also when this is a redelivery of a task that classified but did not queue
             # the SR: queuing is idempotent, and it does nothing without a result.
             _queue_sr(config, ctx, series_instance_uid)
-            if classified:  # the worklist's key images, once the SR is on its way
-                render_key_images(ctx.factory, ctx.source, ctx.predictor, series_instance_uid)
+            # The worklist's key images (and the SC made of them), once the SR is on its way.
+            if classified and render_key_images(ctx.factory, ctx.source, ctx.predictor,
+                                                series_instance_uid):
+                _queue_key_image(config, ctx, series_instance_uid)
             return classified
         except StoreError as exc:  # database or spool server may be back soon: back off
             raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries)) from exc
@@ -157,6 +159,20 @@ def _queue_sr(config: Config, ctx: _WorkerContext, series_instance_uid: str) -> 
             _DELIVERY_WAKE.set()  # a delivery loop in this process sends it now
     except (InvalidDatasetError, NodeStateError) as exc:  # the result stays; say why no SR
         log.error("series %s: no SR queued: %s", series_instance_uid, exc)
+
+
+def _queue_key_image(config: Config, ctx: _WorkerContext, series_instance_uid: str) -> None:
+    """Queue the key-image SC next to the SR (``[results] key_image``)."""
+    from triage_node.classify import read_header
+    from triage_node.errors import InvalidDatasetError, NodeStateError
+    from triage_node.sender import queue_key_image_for_delivery
+
+    try:
+        if queue_key_image_for_delivery(ctx.factory, config, series_instance_uid,
+                                        read_header=partial(read_header, ctx.source)):
+            _DELIVERY_WAKE.set()
+    except (InvalidDatasetError, NodeStateError, ValueError) as exc:  # the SR is what counts
+        log.error("series %s: no key image sent: %s", series_instance_uid, exc)
 
 
 @cache

@@ -223,8 +223,9 @@ class ResultDocument(Base):
 
     __tablename__ = "result_document"
     __table_args__ = (
-        # One document per stored result: queueing the same result twice adds nothing.
-        sa.UniqueConstraint("series_fk", "result_stored_at"),
+        # One document per stored result and SOP class (the SR, the key-image SC):
+        # queueing the same result twice adds nothing.
+        sa.UniqueConstraint("series_fk", "result_stored_at", "sop_class_uid"),
     )
 
     id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)

@@ -108,7 +108,8 @@ def _delivery_of(row: Any) -> Delivery:
 
 
 def latest_document(
-    session_factory: sessionmaker[Session], series_instance_uid: str
+    session_factory: sessionmaker[Session], series_instance_uid: str,
+    sop_class_uid: str | None = None,
 ) -> ResultDocument | None:
     """The newest result document of a series (highest instance number), or None.
 
@@ -118,6 +119,8 @@ def latest_document(
         From :func:`triage_node.store.db.make_session_factory`.
     series_instance_uid : str
         The source series.
+    sop_class_uid : str, optional
+        Only documents of this SOP class (the SR, or the key-image SC).
 
     Returns
     -------
@@ -137,6 +140,8 @@ def latest_document(
         .order_by(d.instance_number.desc(), d.id.desc())
         .limit(1)
     )
+    if sop_class_uid is not None:
+        stmt = stmt.where(d.sop_class_uid == sop_class_uid)
     with _transaction(session_factory, "read a result document", read_only=True) as session:
         row = session.execute(stmt).one_or_none()
     if row is None:
@@ -160,8 +165,9 @@ def add_document(
 ) -> bool:
     """Store a result document and queue it for every destination, in one transaction.
 
-    The series' earlier documents still ``PENDING`` somewhere are not sent any more: those
-    rows become ``SUPERSEDED`` (the new document names its predecessor itself).
+    The series' earlier documents of the same SOP class still ``PENDING`` somewhere are not
+    sent any more: those rows become ``SUPERSEDED`` (the new document names its predecessor
+    itself).
 
     Parameters
     ----------
@@ -176,8 +182,8 @@ def add_document(
     -------
     bool
         ``True`` if stored now; ``False`` if a document of the same result
-        (``result_stored_at``) was already stored, or one with the same SOP Instance UID:
-        nothing is changed then.
+        (``result_stored_at``) and SOP class was already stored, or one with the same SOP
+        Instance UID: nothing is changed then.
 
     Raises
     ------
@@ -234,7 +240,8 @@ def add_document(
         if document_id is None:
             return False
         now = utcnow()
-        earlier = sa.select(d.id).where(d.series_fk == series_id, d.id != document_id)
+        earlier = sa.select(d.id).where(d.series_fk == series_id, d.id != document_id,
+                                        d.sop_class_uid == document.sop_class_uid)
         session.execute(
             sa.update(_OUTBOX)
             .where(o.document_fk.in_(earlier), o.state == DeliveryState.PENDING.value)
