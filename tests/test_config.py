@@ -165,3 +165,14 @@ def test_triage_section(tmp_path: Path) -> None:
     (tmp_path / "c.toml").write_text('[triage]\nbody_parts = "HEAD"\n')
     with pytest.raises(ConfigError, match="expected a list of strings"):
         load_config(tmp_path / "c.toml", env={})
+
+
+def test_model_defaults_to_the_packaged_demo_model_unless_disabled(tmp_path: Path) -> None:
+    from triage_node.config import packaged_model_path
+
+    cfg = load_config(None, env={"TRIAGE_NODE_DATA_DIR": str(tmp_path)})
+    assert cfg.model.path == str(packaged_model_path() or "")
+    (tmp_path / "off.toml").write_text("[model]\nenabled = false\n")
+    assert load_config(tmp_path / "off.toml", env={}).model.path == ""
+    (tmp_path / "own.toml").write_text('[model]\npath = "/models/ich.tnm"\n')
+    assert load_config(tmp_path / "own.toml", env={}).model.path == "/models/ich.tnm"

@@ -188,7 +188,7 @@ def test_serve_runs_scp_and_worker_with_no_redis(tmp_path: Path) -> None:
 def test_serve_without_a_model_assembles_and_queues(tmp_path: Path) -> None:
     truth = generate_study(tmp_path / "ph", seed=41, n_slices=12, rows=96, cols=96)
     extra = (f'[queue]\nbroker_url = "sqla+sqlite:///{tmp_path / "queue.db"}"\n'
-             '[triage]\nrelease_settle_seconds = 0.5\n')
+             '[triage]\nrelease_settle_seconds = 0.5\n[model]\nenabled = false\n')
     with running_node(tmp_path, extra=extra, command="serve") as node:
         assert storescu(node.port, [s.path for s in truth.slices]).returncode == 0
         engine = store.make_engine(node.database_url)

@@ -91,6 +91,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON output")
     p.add_argument("--limit", type=int, default=None)
 
+    p = sub.add_parser("demo", parents=[common],
+                       help="start the node, send phantom studies, print the worklist, stop")
+    p.add_argument("--studies", type=int, default=4, help="phantom studies (default 4)")
+    p.add_argument("--slices", type=int, default=24, help="slices per study (default 24)")
+    p.add_argument("--keep-running", action="store_true",
+                   help="leave the node running (Ctrl-C stops it) to look at the page")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="where the demo's data goes (default: a new temporary folder)")
+
     p = sub.add_parser("retention", parents=[common],
                        help="remove images (and rows) of settled series past [retention]")
     p.add_argument("--dry-run", action="store_true",
@@ -587,6 +596,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_audit(args, config)
         if args.command == "retention":
             return _cmd_retention(args, config)
+        if args.command == "demo":
+            from triage_node.demo import run_demo
+
+            return run_demo(studies=args.studies, slices=args.slices,
+                            keep_running=args.keep_running, workdir=args.workdir)
         if args.command == "phantom":
             return _cmd_phantom(args)
         if args.command == "model":

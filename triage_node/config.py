@@ -169,10 +169,25 @@ class QueueConfig:
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
-    """``[model]``: empty ``path`` = the packaged demo model."""
+    """``[model]``: the artifact the worker loads (resolved at load time: an empty ``path``
+    becomes the packaged demo model when the installation has it; ``enabled = false`` makes
+    it empty, and workers then only assemble and queue)."""
 
     path: str = ""
     device: str = "auto"
+    enabled: bool = True
+
+
+#: The demo model shipped in the package (phantom-trained; see README).
+PACKAGED_MODEL = "data/demo-model.tnm"
+
+
+def packaged_model_path() -> Path | None:
+    """The packaged demo model's file, or None when this installation has none."""
+    from importlib import resources
+
+    entry = resources.files("triage_node").joinpath(PACKAGED_MODEL)
+    return Path(str(entry)) if entry.is_file() else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -592,8 +607,13 @@ def build_config(
                           f"must be 0 or >= images_days ({retention.images_days})")
 
     mo = root.sub("model")
-    model = ModelConfig(path=mo.str_("path", ""), device=mo.str_("device", "auto"))
+    model = ModelConfig(path=mo.str_("path", ""), device=mo.str_("device", "auto"),
+                        enabled=mo.bool_("enabled", True))
     mo.check_unknown()
+    if not model.enabled:
+        model = dataclasses.replace(model, path="")
+    elif not model.path:
+        model = dataclasses.replace(model, path=str(packaged_model_path() or ""))
 
     api_sec = root.sub("api")
     api = ApiConfig(

@@ -21,6 +21,8 @@ Importing this module does not import torch: the worker loads the model on its f
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import logging
 import threading
 from dataclasses import replace
@@ -281,6 +283,11 @@ def worker_main(config: Config, *, assembler: bool = True) -> None:
             threading.Thread(target=run_delivery, args=(config, factory, stop),
                              kwargs={"wake": _DELIVERY_WAKE}, name="delivery",
                              daemon=True).start()
+    if config.model.path and importlib.util.find_spec("torch") is None:
+        log.error("[model] path is %s but torch is not installed (pip install "
+                  "'triage-node[ml]'): series are only assembled and queued",
+                  config.model.path)
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, path=""))
     if not config.model.path:
         log.warning("no [model] path: series are assembled and queued, not classified, until "
                     "a worker with a model runs")
