@@ -125,7 +125,7 @@ def test_series_detail(api: httpx.Client) -> None:
     assert timings["inference_started_at"] < timings["inference_done_at"]
     assert timings["inference_seconds"] == pytest.approx(3.0)
     assert d["key_image"]["method"] == "gradcam"
-    assert [e["kind"] for e in d["audit"]] == ["instance_stored"] * 4
+    assert [e["kind"] for e in d["audit"]] == ["instance_stored"] * 4 + ["series_viewed"]
     assert d["feedback_history"] == []
     assert api.get("/api/series/1.2.3.404", headers=AUTH).status_code == 404
     receiving = api.get(f"/api/series/{RECEIVING}", headers=AUTH).json()
@@ -417,3 +417,17 @@ print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'monai')))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+
+
+def test_views_are_audited(api: httpx.Client, populated: sessionmaker[Session]) -> None:
+    """Opening a series is an audit event every time; the polled worklist once per user
+    and host per WORKLIST_AUDIT_SECONDS."""
+    from triage_node.domain import EventKind
+
+    for _ in range(3):
+        assert api.get("/api/worklist", headers=AUTH).status_code == 200
+    assert api.get(f"/api/series/{FLAGGED}", headers=AUTH).status_code == 200
+    listed = store.list_events(populated, kinds=[EventKind.WORKLIST_VIEWED])
+    assert len(listed) == 1 and listed[0].peer == "127.0.0.1"
+    [opened] = store.list_events(populated, kinds=[EventKind.SERIES_VIEWED])
+    assert opened.series_instance_uid == FLAGGED and opened.actor == "(token)"

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from triage_node import sender, store
 from triage_node.config import Config, ResultsConfig, build_config, load_config
-from triage_node.domain import LABELS, DeliveryState, SeriesResult, utcnow
+from triage_node.domain import LABELS, DeliveryState, EventKind, SeriesResult, utcnow
 from triage_node.errors import ConfigError, PermanentAssociationError
 from triage_node.ingest import instance_record
 from triage_node.phantom import StudyTruth, generate_study
@@ -245,6 +245,8 @@ def test_delivered_to_storescp_and_valid(node: Node, storescp: Callable[..., Sto
     files = [p for p in scp.out_dir.iterdir() if p.is_file()]
     if DCIODVFY.exists():
         assert dciodvfy_errors(files[0]) == []
+    [event] = store.list_events(node.factory, kinds=[EventKind.RESULT_DELIVERED])
+    assert (event.sop_instance_uid, event.peer) == (uid, row.destination)
     # Nothing left to do: the row is not sent again.
     assert sender.deliver_due(config, node.factory) == 0
     assert store.delivery_counts(node.factory)[DeliveryState.SENT] == 1
@@ -305,6 +307,8 @@ def test_association_rejected_fails_at_once_with_the_reason(
     assert any("delivery failed" in r.getMessage() and "rejected" in r.getMessage()
                for r in caplog.records)
     assert store.delivery_counts(node.factory)[DeliveryState.FAILED] == 1
+    [event] = store.list_events(node.factory, kinds=[EventKind.RESULT_DELIVERY_FAILED])
+    assert event.outcome == "failed" and "rejected" in event.detail
     assert sender.deliver_due(config, node.factory) == 0  # failed is final
     assert scp.received() == []
 

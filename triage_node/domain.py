@@ -55,6 +55,10 @@ class EventKind(StrEnum):
     RESULT_STORED = "result_stored"  # a series was classified (outcome: flagged/negative)
     SERIES_FAILED = "series_failed"  # a series could not be classified (detail: why)
     IMAGES_REMOVED = "images_removed"  # retention removed a series' spooled images
+    RESULT_DELIVERED = "result_delivered"  # an SR/SC reached a destination (peer: which)
+    RESULT_DELIVERY_FAILED = "result_delivery_failed"  # given up on one (detail: why)
+    SERIES_VIEWED = "series_viewed"  # a user opened a series in the worklist
+    WORKLIST_VIEWED = "worklist_viewed"  # a user looked at the worklist (at most 1/10 min)
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,6 +51,8 @@ from triage_node import __version__, scu, store
 from triage_node.config import Config, DestinationConfig, TLSConfig
 from triage_node.domain import (
     Delivery,
+    EventKind,
+    EventRecord,
     InstanceRecord,
     InstanceState,
     ResultDocument,
@@ -508,6 +510,8 @@ def deliver_due(
         done = _now(clock)
         if outcome == _Outcome.SENT:
             store.mark_sent(session_factory, delivery, at=done)
+            _audit(session_factory, config, delivery, EventKind.RESULT_DELIVERED, done,
+                   "sent", f"attempt {delivery.attempts}")
             log.info("SR %s of series %s delivered to %s (attempt %d)",
                      delivery.sop_instance_uid, delivery.series_instance_uid,
                      delivery.destination, delivery.attempts)
@@ -523,10 +527,21 @@ def deliver_due(
             if outcome == _Outcome.RETRY:
                 reason = f"gave up after {delivery.attempts} attempts: {reason}"
             store.mark_failed(session_factory, delivery, error=reason, at=done)
+            _audit(session_factory, config, delivery, EventKind.RESULT_DELIVERY_FAILED, done,
+                   "failed", reason)
             log.error("delivery failed: SR %s of series %s to %s: %s",
                       delivery.sop_instance_uid, delivery.series_instance_uid,
                       delivery.destination, reason)
     return len(claimed)
+
+
+def _audit(session_factory: sessionmaker[Session], config: Config, delivery: Delivery,
+           kind: EventKind, at: dt.datetime, outcome: str, detail: str) -> None:
+    """The audit event of a delivery's end (sent, or given up)."""
+    store.record_events(session_factory, [EventRecord(
+        kind, at, actor=config.dicom.ae_title, peer=delivery.destination, outcome=outcome,
+        detail=detail[:2000], series_instance_uid=delivery.series_instance_uid,
+        sop_instance_uid=delivery.sop_instance_uid)])
 
 
 def run_delivery(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from importlib.resources import files
 from typing import Annotated, Any
 
@@ -40,7 +41,7 @@ from triage_node import store
 from triage_node.api.auth import Authenticator, Principal
 from triage_node.api.health import NodeCollector, health
 from triage_node.config import Config
-from triage_node.domain import LABELS, EventRecord, SeriesState, utcnow
+from triage_node.domain import LABELS, EventKind, EventRecord, SeriesState, utcnow
 from triage_node.errors import DatabaseError
 from triage_node.store.worklist import SUBTYPES, FeedbackRecord, WorklistRow
 
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 
 #: Most rows one worklist request returns.
 MAX_LIMIT = 5000
+#: The page polls the worklist; its views are audited at most this often per user and host.
+WORKLIST_AUDIT_SECONDS = 600.0
 #: Key slices listed in the detail: the key slice and the next-highest ``any``.
 KEY_SLICES = 3
 
@@ -195,9 +198,19 @@ def create_app(config: Config, *, engine: Engine | None = None) -> FastAPI:
         return {"method": who.method, "user": who.user, "labels": list(LABELS),
                 "subtypes": list(SUBTYPES)}
 
+    viewed: dict[tuple[str, str], float] = {}  # (user, peer) -> last worklist audit time
+
+    def _audit(kind: EventKind, who: Principal, request: Request, detail: str = "",
+               series_uid: str | None = None) -> None:
+        store.record_events(factory, [EventRecord(
+            kind, utcnow(), actor=who.user or f"({who.method})",
+            peer=request.client.host if request.client else "", outcome="viewed",
+            detail=detail, series_instance_uid=series_uid)])
+
     @app.get("/api/worklist")
     def worklist(
         _who: Caller,
+        request: Request,
         state: Annotated[list[str] | None, Query()] = None,
         since: str | None = None,
         until: str | None = None,
@@ -215,6 +228,11 @@ def create_app(config: Config, *, engine: Engine | None = None) -> FastAPI:
             start = recent if start is None else max(start, recent)
         rows = store.list_worklist(factory, states=states, since=start,
                                    until=_parse_time(until, "until"), limit=limit)
+        key = (_who.user or _who.method, request.client.host if request.client else "")
+        if time.monotonic() - viewed.get(key, -WORKLIST_AUDIT_SECONDS) >= \
+                WORKLIST_AUDIT_SECONDS:  # the page polls: one event per user per 10 min
+            viewed[key] = time.monotonic()
+            _audit(EventKind.WORKLIST_VIEWED, _who, request, f"{len(rows)} rows")
         return {"rows": [_row_json(r) for r in rows], "count": len(rows),
                 "at": _iso(utcnow())}
 
@@ -227,8 +245,9 @@ def create_app(config: Config, *, engine: Engine | None = None) -> FastAPI:
         return row
 
     @app.get("/api/series/{series_uid}")
-    def series(series_uid: str, _who: Caller) -> dict[str, Any]:
+    def series(series_uid: str, _who: Caller, request: Request) -> dict[str, Any]:
         row = _row_or_404(series_uid)
+        _audit(EventKind.SERIES_VIEWED, _who, request, series_uid=series_uid)
         result = store.get_result(factory, series_uid)
         out = _row_json(row)
         out["slices"] = []
