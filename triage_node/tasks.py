@@ -22,6 +22,7 @@ Importing this module does not import torch: the worker loads the model on its f
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import importlib.util
 import logging
 import threading
@@ -34,7 +35,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from triage_node import store
 from triage_node.config import Config, TriageConfig
-from triage_node.domain import SeriesState
+from triage_node.domain import SeriesState, utcnow
 from triage_node.series import assemble_due, not_selected_reason
 from triage_node.spool import Spool
 
@@ -70,7 +71,7 @@ def make_celery(config: Config) -> Celery:
         worker_hijack_root_logger=False,
     )
 
-    @app.task(name=CLASSIFY_TASK, bind=True, max_retries=5, acks_late=True,
+    @app.task(name=CLASSIFY_TASK, bind=True, max_retries=None, acks_late=True,
               reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
     def classify(self: Any, series_instance_uid: str) -> bool:
         from triage_node.classify import classify_series, render_key_images
@@ -88,8 +89,9 @@ def make_celery(config: Config) -> Celery:
                                                 series_instance_uid):
                 _queue_key_image(config, ctx, series_instance_uid)
             return classified
-        except StoreError as exc:  # database or spool server may be back soon: back off
-            raise self.retry(exc=exc, countdown=min(60, 2 ** self.request.retries)) from exc
+        except StoreError as exc:  # database or spool server will be back: back off, keep on
+            raise self.retry(exc=exc, countdown=min(60, 2 ** min(self.request.retries, 6))
+                             ) from exc
         except InvalidDatasetError as exc:  # retrying will not decode it: say so and move on
             from triage_node.classify import WORKER_ACTOR
             from triage_node.domain import EventKind, EventRecord, utcnow
@@ -238,24 +240,47 @@ def run_assembler(config: Config, app: Celery, stop: threading.Event,
     """Decide complete series every ``interval`` s and queue the selected ones, until ``stop``.
 
     At start it re-queues series left ``queued`` or ``processing`` (a crash between deciding
-    and queuing, or a lost task): tasks are idempotent, so a duplicate costs only time.
+    and queuing, or a lost task) and, with ``[[destinations]]``, series whose last result
+    (of the past day) has no SR yet (a worker that died between storing the result and
+    queuing the SR): tasks are idempotent, so a duplicate costs only time. A series decided
+    while the broker is unreachable stays in memory and is queued as soon as it is back;
+    failures back off (up to 10 s) instead of flooding the log.
     """
+    from triage_node.sender import SR_SOP_CLASS_UID
+
     factory = store.make_session_factory(store.make_engine(config.database.url))
-    left = (SeriesState.QUEUED.value, SeriesState.PROCESSING.value)
-    for uid in store.series_in_states(factory, left):
-        log.info("re-queuing series %s left from before", uid)
-        enqueue(app, uid)
     eager = EagerBatches(config.triage, config.queue.eager_batch)
+    left = (SeriesState.QUEUED.value, SeriesState.PROCESSING.value)
+    unsent: set[str] | None = None  # None: the start-up sweep is still to be done
+    failures = 0
     while not stop.is_set():
         try:
+            if unsent is None:
+                unsent = set(store.series_in_states(factory, left))
+                if config.destinations:
+                    unsent |= set(store.results_without_document(
+                        factory, SR_SOP_CLASS_UID, since=utcnow() - dt.timedelta(days=1)))
+                for uid in sorted(unsent):
+                    log.info("re-queuing series %s left from before", uid)
             for uid in eager.due(factory):
                 app.send_task(INFER_TASK, args=[uid])
             for decision in assemble_due(factory, config.triage):
                 if decision.selected:
-                    enqueue(app, decision.series_instance_uid)
-        except Exception:  # keep assembling: one bad series or a database blip is logged
-            log.exception("series assembly failed; retrying")
-        stop.wait(interval)
+                    unsent.add(decision.series_instance_uid)
+            while unsent:  # decided (queued in the database): now into the broker
+                uid = min(unsent)
+                enqueue(app, uid)
+                unsent.discard(uid)
+            if failures:
+                log.info("series assembly works again after %d failed rounds", failures)
+            failures = 0
+        except Exception as exc:  # a database or broker outage, or one bad series
+            failures += 1
+            if failures == 1 or failures % 100 == 0:
+                log.exception("series assembly failed (%d in a row); retrying", failures)
+            else:
+                log.warning("series assembly failed (%d in a row): %s", failures, exc)
+        stop.wait(interval if not failures else min(10.0, interval * 2 ** min(failures, 5)))
 
 
 def worker_main(config: Config, *, assembler: bool = True) -> None:

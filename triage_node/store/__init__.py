@@ -30,6 +30,7 @@ from triage_node.store.outbox import (
     mark_failed,
     mark_retry,
     mark_sent,
+    results_without_document,
 )
 from triage_node.store.predictions import (
     receiving_series_counts,
@@ -108,6 +109,7 @@ __all__ = [
     "record_events",
     "record_feedback",
     "redact_url",
+    "results_without_document",
     "save_key_images",
     "save_slice_predictions",
     "series_events",

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from triage_node.domain import Delivery, DeliveryState, ResultDocument, utcnow
 from triage_node.store.models import OutboxItem, Series
 from triage_node.store.models import ResultDocument as ResultDocument_
+from triage_node.store.models import SeriesResult as SeriesResult_
 from triage_node.store.repository import (
     _check_aware,
     _check_uid,
@@ -43,11 +44,13 @@ __all__ = [
     "mark_failed",
     "mark_retry",
     "mark_sent",
+    "results_without_document",
 ]
 
 _SERIES = cast(sa.Table, Series.__table__)
 _DOCUMENT = cast(sa.Table, ResultDocument_.__table__)
 _OUTBOX = cast(sa.Table, OutboxItem.__table__)
+_RESULT = cast(sa.Table, SeriesResult_.__table__)
 
 #: Longest error text kept in ``last_error``.
 _MAX_ERROR = 2000
@@ -476,3 +479,29 @@ def delivery_counts(session_factory: sessionmaker[Session]) -> dict[DeliveryStat
     with _transaction(session_factory, "count deliveries", read_only=True) as session:
         found = {str(state): int(n) for state, n in session.execute(stmt).all()}
     return {state: found.get(state.value, 0) for state in DeliveryState}
+
+
+def results_without_document(session_factory: sessionmaker[Session], sop_class_uid: str, *,
+                             since: dt.datetime) -> list[str]:
+    """Done series whose result, stored since ``since``, has no document of this SOP class.
+
+    Negative results that are not sent show up here too: the caller's queueing decides.
+    """
+    _check_uid(sop_class_uid, "sop_class_uid")
+    since = _check_aware(since, "since")
+    s, r, d = _SERIES.c, _RESULT.c, _DOCUMENT.c
+    has_document = (
+        sa.select(sa.literal(1))
+        .where(d.series_fk == r.series_fk, d.result_stored_at == r.stored_at,
+               d.sop_class_uid == sop_class_uid)
+        .exists()
+    )
+    stmt = (
+        sa.select(s.series_instance_uid)
+        .select_from(_RESULT.join(_SERIES, s.id == r.series_fk))
+        .where(r.stored_at >= since, s.state == "done", ~has_document)
+        .order_by(r.stored_at)
+    )
+    with _transaction(session_factory, "find results without documents",
+                      read_only=True) as session:
+        return list(session.execute(stmt).scalars())
