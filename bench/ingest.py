@@ -4,6 +4,7 @@
 Usage::
 
     .venv/bin/python bench/ingest.py [--slices 300] [--rounds 3] [--concurrent 8 --per-assoc 60]
+                                     [--engine native|pynetdicom]
 
 Both receivers get the same files from dcmtk ``storescu`` (``TCP_NODELAY=1``) on loopback:
 
@@ -31,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+import nodeproc  # noqa: E402
 from dicomfiles import make_ct_series  # noqa: E402
 from nodeproc import DCMTK_ENV, free_port, wait_port, write_config  # noqa: E402
 
@@ -115,8 +117,11 @@ def main() -> int:
     ap.add_argument("--concurrent", type=int, default=8)
     ap.add_argument("--per-assoc", type=int, default=60)
     ap.add_argument("--processes", type=int, default=0, help="our receiving processes (0=cores)")
+    ap.add_argument("--engine", choices=("native", "pynetdicom"), default=None,
+                    help="our [dicom] engine (default: the configuration's default)")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
+    nodeproc.ENGINE = args.engine
 
     base = args.workdir or Path(tempfile.mkdtemp(prefix="triage-bench-"))
     series = make_ct_series(base / "series", args.slices)
@@ -145,8 +150,11 @@ def main() -> int:
     rows.append((f"{args.concurrent} associations x {args.per_assoc} slices (vs --fork)",
                  f"{o:.0f}", f"{d:.0f}", f"{o / d:.2f}x"))
 
+    from triage_node.config import DEFAULT_DICOM_ENGINE
+
     print(f"\ningest, 512x512 int16 slices, median of {args.rounds} rounds, "
-          f"{os.cpu_count()} cores, ours with fsync + SQLite commit per acknowledged slice")
+          f"{os.cpu_count()} cores, ours ({args.engine or DEFAULT_DICOM_ENGINE} engine) with "
+          "fsync + SQLite commit per acknowledged slice")
     print(f"command: python {' '.join(sys.argv)}")
     header = ("scenario", "ours slices/s", "dcmtk slices/s", "ratio")
     widths = [max(len(r[i]) for r in [*rows, header]) for i in range(4)]

@@ -16,6 +16,9 @@ from pathlib import Path
 DCMTK = Path("/usr/bin")
 #: dcmtk tools stall 40 ms per message on Nagle without this.
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+#: ``[dicom] engine`` written into node configs; None = the built-in default.
+#: ``tests/test_scp.py`` runs every test once per engine by setting it.
+ENGINE: str | None = None
 
 
 def free_port() -> int:
@@ -72,6 +75,7 @@ def write_config(
 host = "127.0.0.1"
 port = {port}
 processes = {processes}
+{f'engine = "{ENGINE}"' if ENGINE else ""}
 {extra}
 {"" if "[api]" in extra else f"[api]{chr(10)}port = {free_port()}"}
 [storage]

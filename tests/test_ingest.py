@@ -37,6 +37,21 @@ def test_header_only_and_fields(tmp_path: Path) -> None:
     assert rec.modality == "CT" and "AXIAL" in rec.image_type
 
 
+def test_header_from_head_bytes_equals_the_file(tmp_path: Path) -> None:
+    """Bytes already in memory are parsed when the header ends inside them; a head that
+    stops short (or is garbage) falls back to the file, so the result never differs."""
+    f = make_instance(tmp_path / "ct.dcm", rows=64, cols=64)
+    data = f.read_bytes()
+    from_file = read_header(f)
+    pixel_at = data.index(b"\xe0\x7f\x10\x00")
+    for head in (data[: pixel_at + 12], data[:pixel_at], data[:300], b"junk" * 100):
+        assert read_header(f, head) == from_file, len(head)
+    f.write_bytes(b"not dicom")
+    assert read_header(f, data[: pixel_at + 12]) == from_file, "whole header in memory"
+    with pytest.raises(InvalidDatasetError):
+        read_header(f, data[:300])
+
+
 @pytest.mark.parametrize(
     ("kind", "overrides", "reason"),
     [
@@ -127,3 +142,29 @@ def test_audit_events_ride_along(tmp_path: Path) -> None:
     recorder.audit(EventRecord(EventKind.ASSOCIATION_OPENED, utcnow()))
     recorder.close()
     assert writer.batches == [(0, 1)]
+
+
+def test_recorder_waits_for_announced_records(tmp_path: Path) -> None:
+    """A batch waits (up to ``linger``) for a record announced with expect(); with nothing
+    announced it is written at once."""
+    rec = _record(make_instance(tmp_path / "a.dcm"))
+    writer = _Writer()
+    recorder = Recorder(writer, linger=5.0)
+    recorder.expect()
+    first = threading.Thread(target=recorder.record, args=(rec,))
+    first.start()
+    time.sleep(0.2)  # the first record waits in the batch for the announced one
+    assert writer.batches == []
+    recorder.record(rec, expected=True)
+    first.join()
+    assert writer.batches == [(2, 0)]
+    t0 = time.monotonic()
+    recorder.record(rec)
+    assert time.monotonic() - t0 < 2.0, "nothing announced: no linger"
+    recorder.expect()
+    recorder.unexpect()
+    t0 = time.monotonic()
+    recorder.record(rec)
+    assert time.monotonic() - t0 < 2.0, "a withdrawn announcement is not waited for"
+    recorder.close()
+    assert writer.batches == [(2, 0), (1, 0), (1, 0)]

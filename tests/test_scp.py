@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import nodeproc
 import pytest
 from dicomfiles import make_ct_series, make_instance
 from nodeproc import DCMTK, DCMTK_ENV, NodeProc, echoscu, running_node, storescu
@@ -25,6 +26,13 @@ pytestmark = pytest.mark.skipif(
     not (DCMTK / "storescu").exists(), reason="dcmtk not installed (apt-get install dcmtk)"
 )
 REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
+
+
+@pytest.fixture(autouse=True, params=["native", "pynetdicom"])
+def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test once per receive loop (``[dicom] engine``)."""
+    monkeypatch.setattr(nodeproc, "ENGINE", request.param)
+    return str(request.param)
 
 
 def db(node: NodeProc):

@@ -34,6 +34,9 @@ DEFAULT_NETWORK_TIMEOUT = 120.0
 #: The largest P-DATA PDU we accept; large PDUs mean fewer, bigger socket reads.
 DEFAULT_MAX_PDU = 4 * 1024 * 1024
 DEFAULT_API_PORT = 8080
+#: Receive loops of the Storage SCP: our own (``native``) or pynetdicom's.
+DICOM_ENGINES = ("native", "pynetdicom")
+DEFAULT_DICOM_ENGINE = "native"
 
 ENV_CONFIG = "TRIAGE_NODE_CONFIG"
 ENV_DATA_DIR = "TRIAGE_NODE_DATA_DIR"
@@ -100,6 +103,8 @@ class DicomConfig:
     #: seconds associations get to finish after SIGTERM before they are aborted
     shutdown_grace: float = 10.0
     tls: TLSConfig = field(default_factory=TLSConfig)
+    #: receive loop: "native" (triage_node.ulserver) or "pynetdicom"
+    engine: str = DEFAULT_DICOM_ENGINE
 
     @property
     def effective_processes(self) -> int:
@@ -441,8 +446,11 @@ def _dicom(section: _Section) -> DicomConfig:
         max_pdu_size=section.int_("max_pdu_size", DEFAULT_MAX_PDU, 0, 2**31 - 1),
         shutdown_grace=section.float_("shutdown_grace", 10.0, 0, 3600),
         tls=_tls(section.sub("tls")),
+        engine=section.str_("engine", DEFAULT_DICOM_ENGINE),
     )
     section.check_unknown()
+    if cfg.engine not in DICOM_ENGINES:
+        raise section.fail("engine", cfg.engine, f"expected one of {', '.join(DICOM_ENGINES)}")
     if 0 < cfg.max_pdu_size < 4096:
         raise section.fail("max_pdu_size", cfg.max_pdu_size, "0 (no limit) or at least 4096")
     return cfg

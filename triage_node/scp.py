@@ -6,17 +6,22 @@ Shape
 ``dicom.processes`` receiving processes that each bind the same port with ``SO_REUSEPORT``
 (the kernel spreads associations over them, so every core receives) and restarts one that
 dies. Each process builds its engine, spool and :class:`~triage_node.ingest.Recorder` once
-and hands them to :class:`StorageSCP`, whose handlers use nothing global.
+and hands them to :class:`StorageSCP`, whose methods use nothing global.
 
-Per instance (the C-STORE handler, :meth:`StorageSCP.handle_store`):
-pynetdicom streams the dataset into a file in ``<spool>/.incoming`` as it arrives (no
-decode, no re-encode) -> header-only parse -> checks -> ``fsync`` + atomic rename into
-place -> the record is committed (group commit with concurrent associations) -> 0x0000.
-Any failure on the way answers a specific failure status and logs why.
+Two receive loops (``[dicom] engine``) feed the same :class:`StorageSCP`: ``native``
+(:mod:`triage_node.ulserver`, our own Upper Layer loop) and ``pynetdicom`` (pynetdicom's
+association threads and event handlers, kept as the reference). Either writes the dataset
+into a file in ``<spool>/.incoming`` as it arrives (no decode, no re-encode) and hands
+:meth:`StorageSCP.store` a :class:`~triage_node.ulserver.StoreRequest`.
+
+Per instance (:meth:`StorageSCP.store`): ``fsync`` of the file, overlapped with the
+header-only parse and checks -> atomic rename into place -> directory ``fsync``, overlapped
+with the record's commit (group commit with concurrent associations) -> 0x0000 once both
+are done. Any failure on the way answers a specific failure status and logs why.
 
 SIGTERM: stop listening, give associations ``dicom.shutdown_grace`` seconds to finish,
 abort the rest (their unacknowledged instances are re-sent by the scanner), wait for
-handlers in flight, flush the recorder, exit 0.
+stores in flight, flush the recorder, exit 0.
 """
 
 from __future__ import annotations
@@ -33,16 +38,17 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.presentation import AllStoragePresentationContexts, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import (
     AssociationSocket,
@@ -57,6 +63,7 @@ from triage_node.errors import DatabaseError, InvalidDatasetError, SpoolError
 from triage_node.ingest import Recorder, instance_record, read_header
 from triage_node.logs import setup_logging
 from triage_node.spool import Spool
+from triage_node.ulserver import NativeServer, ServerSettings, StoreRequest
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +166,19 @@ class ReusePortServer(ThreadedAssociationServer):
         assert self.socket is not None
         self.socket.listen(64)
 
+    def established_count(self) -> int:
+        """Associations currently established."""
+        return sum(a.is_established for a in self.ae.active_associations)
+
+    def abort_all(self) -> None:
+        """Abort every association, established or not."""
+        for assoc in self.ae.active_associations:
+            assoc.abort()
+
+    def wait_closed(self, timeout: float) -> bool:
+        """Nothing to wait for: pynetdicom's abort returns once the association is down."""
+        return True
+
 
 @dataclass
 class _AssocStats:
@@ -174,15 +194,19 @@ ReleaseHint = Callable[[set[str], dt.datetime], None]
 
 
 class StorageSCP:
-    """C-STORE and C-ECHO handlers bound to one spool and one recorder.
+    """The store logic, bound to one spool and one recorder; used by both receive engines.
+
+    The neutral methods (:meth:`admit`, :meth:`opened`, :meth:`closed`, :meth:`store`, ...)
+    take plain values (AE title, address, :class:`~triage_node.ulserver.StoreRequest`), so
+    our own receive loop (:mod:`triage_node.ulserver`) calls them directly; the
+    ``handle_*`` methods adapt pynetdicom's events to them.
 
     Parameters
     ----------
     config : Config
         The effective configuration (``[dicom]`` is used here).
     spool : Spool
-        Where instances are written; its ``.incoming`` folder must be the temporary
-        directory pynetdicom streams into (see :func:`serve_scp`).
+        Where instances are written; received files arrive in its ``.incoming`` folder.
     recorder : Recorder
         Commits instance records and audit events.
     on_release : callable, optional
@@ -199,12 +223,68 @@ class StorageSCP:
         self._stats: dict[int, _AssocStats] = {}
         self._inflight = 0
         self._cond = threading.Condition()
+        #: fsyncs run here, beside the work they overlap with
+        self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
         #: set on SIGTERM: new associations are rejected, open ones may finish
         self.draining = False
         #: set when the grace is over: stores not yet started are refused, then abort
         self.closing = False
 
-    # -- association life cycle ------------------------------------------------------
+    # -- association life cycle (neutral) ------------------------------------------------
+
+    def admit(self, ae: str, address: str) -> tuple[int, int, int] | None:
+        """None to admit a caller, else the A-ASSOCIATE-RJ (result, source, reason); audited."""
+        rules = self.config.dicom.allowed_callers
+        if self.draining:
+            reason, rsd = "node shutting down", (0x02, 0x03, 0x01)  # transient, congestion
+        elif rules and not any(r.matches(ae, address) for r in rules):
+            reason, rsd = "calling AE title not recognised", (0x01, 0x01, 0x03)
+        else:
+            return None
+        log.warning("association from %s@%s rejected: %s", ae, address, reason)
+        self.recorder.audit(EventRecord(EventKind.ASSOCIATION_REJECTED, utcnow(), actor=ae,
+                                        peer=address, outcome="rejected", detail=reason))
+        return rsd
+
+    def rejected(self, ae: str, address: str, detail: str) -> None:
+        """Audit a rejection made by the association layer (limit, called AE, ...)."""
+        log.warning("association from %s@%s rejected by the association layer: %s", ae,
+                    address, detail)
+        self.recorder.audit(EventRecord(EventKind.ASSOCIATION_REJECTED, utcnow(), actor=ae,
+                                        peer=address, outcome="rejected", detail=detail))
+
+    def opened(self, assoc_id: int, ae: str, address: str) -> None:
+        """Start per-association statistics and audit the association."""
+        self._stats[assoc_id] = _AssocStats()
+        log.info("association from %s@%s accepted", ae, address)
+        self.recorder.audit(EventRecord(EventKind.ASSOCIATION_OPENED, utcnow(), actor=ae,
+                                        peer=address, outcome="accepted"))
+
+    def closed(self, assoc_id: int, ae: str, address: str, *, released: bool) -> None:
+        """Audit the end of an association; on a release, hint series assembly."""
+        st = self._stats.pop(assoc_id, None)
+        if st is None:  # never established (a bare TCP connection): nothing to audit
+            return
+        kind = EventKind.ASSOCIATION_CLOSED if released else EventKind.ASSOCIATION_ABORTED
+        seconds = time.monotonic() - st.started
+        detail = (f"stored={st.stored} duplicates={st.duplicates} refused={st.refused} "
+                  f"seconds={seconds:.2f}")
+        outcome = "released" if released else "aborted"
+        log.info("association from %s@%s %s: %s", ae, address, outcome, detail)
+        self.recorder.audit(EventRecord(kind, utcnow(), actor=ae, peer=address,
+                                        outcome=outcome, detail=detail))
+        if released and st.series and self.on_release:
+            try:
+                self.on_release(set(st.series), utcnow())
+            except DatabaseError as exc:  # only a hint: stable_seconds still completes them
+                log.warning("could not record the release hint for %d series: %s",
+                            len(st.series), exc)
+
+    def echo(self) -> int:
+        """C-ECHO: always success while running."""
+        return STATUS_SUCCESS
+
+    # -- pynetdicom's events ---------------------------------------------------------------
 
     def _peer(self, event: evt.Event) -> tuple[str, str]:
         assoc = event.assoc
@@ -214,87 +294,64 @@ class StorageSCP:
 
     def handle_requested(self, event: evt.Event) -> None:
         """Reject callers not in ``allowed_callers`` (A-ASSOCIATE-RJ, calling AE not recognised)."""
-        ae, address = self._peer(event)
-        rules = self.config.dicom.allowed_callers
-        reason = ""
-        if self.draining:
-            reason = "node shutting down"
-            event.assoc.acse.send_reject(0x02, 0x03, 0x01)  # transient, congestion
-        elif rules and not any(r.matches(ae, address) for r in rules):
-            reason = "calling AE title not recognised"
-            event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, user, calling AE
-        if reason:
-            log.warning("association from %s@%s rejected: %s", ae, address, reason)
-            self.recorder.audit(EventRecord(EventKind.ASSOCIATION_REJECTED, utcnow(), actor=ae,
-                                            peer=address, outcome="rejected", detail=reason))
+        rsd = self.admit(*self._peer(event))
+        if rsd:
+            event.assoc.acse.send_reject(*rsd)
             event.assoc.kill()
 
     def handle_rejected(self, event: evt.Event) -> None:
         """Audit rejections made by pynetdicom itself (association limit, called AE)."""
-        ae, address = self._peer(event)
-        log.warning("association from %s@%s rejected by the association layer", ae, address)
-        self.recorder.audit(EventRecord(EventKind.ASSOCIATION_REJECTED, utcnow(), actor=ae,
-                                        peer=address, outcome="rejected",
-                                        detail="limit reached or called AE not recognised"))
+        self.rejected(*self._peer(event), "limit reached or called AE not recognised")
 
     def handle_established(self, event: evt.Event) -> None:
         """Start per-association statistics and audit the association."""
-        ae, address = self._peer(event)
-        self._stats[id(event.assoc)] = _AssocStats()
-        log.info("association from %s@%s accepted", ae, address)
-        self.recorder.audit(EventRecord(EventKind.ASSOCIATION_OPENED, utcnow(), actor=ae,
-                                        peer=address, outcome="accepted"))
-
-    def _closed(self, event: evt.Event, kind: EventKind) -> None:
-        ae, address = self._peer(event)
-        st = self._stats.pop(id(event.assoc), None)
-        if st is None:  # never established (a bare TCP connection): nothing to audit
-            return
-        seconds = time.monotonic() - st.started
-        detail = (f"stored={st.stored} duplicates={st.duplicates} refused={st.refused} "
-                  f"seconds={seconds:.2f}")
-        log.info("association from %s@%s %s: %s", ae, address,
-                 "released" if kind is EventKind.ASSOCIATION_CLOSED else "aborted", detail)
-        self.recorder.audit(EventRecord(kind, utcnow(), actor=ae, peer=address,
-                                        outcome="released" if kind is EventKind.ASSOCIATION_CLOSED
-                                        else "aborted", detail=detail))
+        self.opened(id(event.assoc), *self._peer(event))
 
     def handle_released(self, event: evt.Event) -> None:
         """Audit a normal release; hint series assembly that its series may be complete."""
-        st = self._stats.get(id(event.assoc))
-        series = set(st.series) if st else set()
-        self._closed(event, EventKind.ASSOCIATION_CLOSED)
-        if series and self.on_release:
-            try:
-                self.on_release(series, utcnow())
-            except DatabaseError as exc:  # only a hint: stable_seconds still completes them
-                log.warning("could not record the release hint for %d series: %s",
-                            len(series), exc)
+        self.closed(id(event.assoc), *self._peer(event), released=True)
 
     def handle_aborted(self, event: evt.Event) -> None:
         """Audit an abort (by either side) with the association's counts."""
-        self._closed(event, EventKind.ASSOCIATION_ABORTED)
+        self.closed(id(event.assoc), *self._peer(event), released=False)
 
     def handle_echo(self, event: evt.Event) -> int:
         """C-ECHO: always success while running."""
-        return STATUS_SUCCESS
+        return self.echo()
+
+    def handle_store(self, event: evt.Event) -> int:
+        """C-STORE from pynetdicom: the streamed file, as a neutral request."""
+        req = cast(C_STORE, event.request)
+        ae, address = self._peer(event)
+        return self.store(StoreRequest(
+            assoc_id=id(event.assoc), calling_ae=ae, address=address,
+            sop_class_uid=str(req.AffectedSOPClassUID or ""),
+            sop_instance_uid=str(req.AffectedSOPInstanceUID or ""),
+            transfer_syntax=str(event.context.transfer_syntax),
+            path=Path(event.dataset_path)))
 
     # -- C-STORE -------------------------------------------------------------------------
 
-    def handle_store(self, event: evt.Event) -> int:
+    def store(self, request: StoreRequest) -> int:
         """C-STORE: store durably, record, then answer; a specific failure status otherwise."""
         with self._cond:
             self._inflight += 1
         try:
-            return self._store(event)
+            return self._store(request)
         finally:
             with self._cond:
                 self._inflight -= 1
                 self._cond.notify_all()
 
-    def _refuse(self, event: evt.Event, status: int, why: str, sop_uid: str) -> int:
-        ae, address = self._peer(event)
-        stats = self._stats.get(id(event.assoc))
+    def unreceivable(self, assoc_id: int, ae: str, address: str, sop_instance_uid: str,
+                     why: str) -> int:
+        """A C-STORE whose data could not be written to ``.incoming``: 0xA700, audited."""
+        return self._refuse(assoc_id, ae, address, STATUS_OUT_OF_RESOURCES, why,
+                            sop_instance_uid)
+
+    def _refuse(self, assoc_id: int, ae: str, address: str, status: int, why: str,
+                sop_uid: str) -> int:
+        stats = self._stats.get(assoc_id)
         if stats:
             stats.refused += 1
         log.warning("C-STORE %s from %s@%s refused with 0x%04X: %s", sop_uid, ae, address,
@@ -304,22 +361,38 @@ class StorageSCP:
                                         sop_instance_uid=sop_uid[:128]))
         return status
 
-    def _store(self, event: evt.Event) -> int:
-        req = cast(C_STORE, event.request)
-        rq_class = str(req.AffectedSOPClassUID or "")
-        rq_uid = str(req.AffectedSOPInstanceUID or "")
+    def _store(self, rq: StoreRequest) -> int:
+        rq_uid = rq.sop_instance_uid
+        refuse = partial(self._refuse, rq.assoc_id, rq.calling_ae, rq.address)
         if self.closing:
-            return self._refuse(event, STATUS_SHUTTING_DOWN, "node shutting down", rq_uid)
-        tmp = Path(event.dataset_path)
+            return refuse(STATUS_SHUTTING_DOWN, "node shutting down", rq_uid)
+        tmp = rq.path
+        # The file's fsync runs while its header is parsed and checked (nothing is placed
+        # or recorded before it returns).
+        synced = self._io.submit(self.spool.sync, tmp)
+        self.recorder.expect()  # concurrent associations' commits may wait for this one
+        announced = [True]
         try:
-            ds = read_header(tmp)
+            status = self._check_and_record(rq, refuse, synced, announced)
+        finally:
+            if announced[0]:
+                self.recorder.unexpect()
+            with contextlib.suppress(Exception):
+                synced.result()
+        return status
+
+    def _check_and_record(self, rq: StoreRequest, refuse: Callable[[int, str, str], int],
+                          synced: Future[None], announced: list[bool]) -> int:
+        rq_class, rq_uid, tmp = rq.sop_class_uid, rq.sop_instance_uid, rq.path
+        try:
+            ds = read_header(tmp, rq.head)
         except InvalidDatasetError as exc:
-            return self._refuse(event, STATUS_CANNOT_PARSE, str(exc), rq_uid)
+            return refuse(STATUS_CANNOT_PARSE, str(exc), rq_uid)
 
         sop_class = str(ds.get("SOPClassUID", "") or "")
         if sop_class and sop_class != rq_class:
-            return self._refuse(event, STATUS_SOP_CLASS_MISMATCH,
-                                f"dataset SOP class {sop_class} != request's {rq_class}", rq_uid)
+            return refuse(STATUS_SOP_CLASS_MISMATCH,
+                          f"dataset SOP class {sop_class} != request's {rq_class}", rq_uid)
         study_uid = str(ds.get("StudyInstanceUID", "") or "").strip()
         series_uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
         sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip()
@@ -327,41 +400,52 @@ class StorageSCP:
             missing = [k for k, v in (("StudyInstanceUID", study_uid),
                                       ("SeriesInstanceUID", series_uid),
                                       ("SOPInstanceUID", sop_uid)) if not v]
-            return self._refuse(event, STATUS_MISSING_IDENTIFIERS,
-                                f"missing {', '.join(missing)}", rq_uid)
+            return refuse(STATUS_MISSING_IDENTIFIERS, f"missing {', '.join(missing)}", rq_uid)
         if sop_uid != rq_uid.strip():
-            return self._refuse(event, STATUS_UID_MISMATCH,
-                                f"dataset SOP instance UID {sop_uid!r} != request's", rq_uid)
+            return refuse(STATUS_UID_MISMATCH,
+                          f"dataset SOP instance UID {sop_uid!r} != request's", rq_uid)
 
         relpath = self.spool.relpath_for(study_uid, series_uid, sop_uid)
-        ae, address = self._peer(event)
         try:
             self.spool.check_space()
             size = tmp.stat().st_size
-            self.spool.commit(tmp, relpath)
+            record = instance_record(
+                ds,
+                sop_class_uid=rq_class,
+                transfer_syntax_uid=rq.transfer_syntax,
+                file_path=relpath,
+                file_size=size,
+                calling_ae=rq.calling_ae,
+                received_at=utcnow(),
+            )
+            synced.result()  # the file's data is on disk ...
+            final = self.spool.place(tmp, relpath)  # ... before it takes its name
         except (SpoolError, OSError) as exc:
-            return self._refuse(event, STATUS_OUT_OF_RESOURCES, str(exc), rq_uid)
+            return refuse(STATUS_OUT_OF_RESOURCES, str(exc), rq_uid)
 
-        record = instance_record(
-            ds,
-            sop_class_uid=rq_class,
-            transfer_syntax_uid=str(event.context.transfer_syntax),
-            file_path=relpath,
-            file_size=size,
-            calling_ae=ae,
-            received_at=utcnow(),
-        )
-        audit = EventRecord(EventKind.INSTANCE_STORED, record.received_at, actor=ae, peer=address,
-                            outcome=record.state.value, detail=record.reason or "",
+        audit = EventRecord(EventKind.INSTANCE_STORED, record.received_at, actor=rq.calling_ae,
+                            peer=rq.address, outcome=record.state.value,
+                            detail=record.reason or "",
                             study_instance_uid=record.study_instance_uid,
                             series_instance_uid=record.series_instance_uid,
                             sop_instance_uid=record.sop_instance_uid)
+        # The rename becomes durable (directory fsync) while the record commits; success
+        # is answered only once both are done.
+        dir_synced = self._io.submit(self.spool.sync_dir, final.parent, relpath)
+        announced[0] = False
         try:
-            is_new = self.recorder.record(record, (audit,), timeout=self.config.dicom.dimse_timeout)
+            is_new = self.recorder.record(record, (audit,), timeout=self.config.dicom.dimse_timeout,
+                                          expected=True)
         except DatabaseError as exc:
-            return self._refuse(event, STATUS_DB_UNAVAILABLE, f"not recorded: {exc}", rq_uid)
+            with contextlib.suppress(Exception):
+                dir_synced.result()
+            return refuse(STATUS_DB_UNAVAILABLE, f"not recorded: {exc}", rq_uid)
+        try:
+            dir_synced.result()
+        except SpoolError as exc:
+            return refuse(STATUS_OUT_OF_RESOURCES, str(exc), rq_uid)
 
-        stats = self._stats.get(id(event.assoc))
+        stats = self._stats.get(rq.assoc_id)
         if stats:
             stats.stored += 1
             stats.duplicates += not is_new
@@ -382,6 +466,10 @@ class StorageSCP:
                     return False
                 self._cond.wait(left)
         return True
+
+    def close(self) -> None:
+        """Let the fsync threads end once idle (after :meth:`wait_idle`)."""
+        self._io.shutdown(wait=False)
 
 
 def build_ae(config: Config, scp: StorageSCP) -> tuple[AE, list[Any]]:
@@ -409,13 +497,24 @@ def build_ae(config: Config, scp: StorageSCP) -> tuple[AE, list[Any]]:
     return ae, handlers
 
 
+class _Listener(Protocol):
+    """What :class:`RunningSCP` needs of either engine's server."""
+
+    server_address: Any
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None: ...
+    def shutdown(self) -> None: ...
+    def established_count(self) -> int: ...
+    def abort_all(self) -> None: ...
+    def wait_closed(self, timeout: float) -> bool: ...
+
+
 @dataclass
 class RunningSCP:
     """One receiving process's running server; :meth:`stop` drains it."""
 
     scp: StorageSCP
-    ae: AE
-    server: ThreadedAssociationServer
+    server: _Listener
     thread: threading.Thread
     recorder: Recorder
     engine: Any
@@ -428,58 +527,74 @@ class RunningSCP:
     def stop(self, grace: float) -> None:
         """Stop listening, let associations finish for ``grace`` s, abort the rest, flush."""
         self.scp.draining = True
-        self.server.shutdown()  # stops serve_forever and closes the listening socket
+        self.server.shutdown()  # stops accepting and closes the listening socket
         deadline = time.monotonic() + grace
         # Connections that never sent an A-ASSOCIATE-RQ (port probes, health checks) have
         # nothing in flight: only established associations get the grace period.
-        while time.monotonic() < deadline and any(
-            a.is_established for a in self.ae.active_associations
-        ):
+        while time.monotonic() < deadline and self.server.established_count():
             time.sleep(0.05)
         self.scp.closing = True
-        remaining = self.ae.active_associations
-        busy = sum(a.is_established for a in remaining)
+        busy = self.server.established_count()
         if busy:
             log.warning("aborting %d association(s) still open after the %.0f s grace; "
                         "their unacknowledged instances will be re-sent", busy, grace)
-        for assoc in remaining:
-            assoc.abort()
-        if not self.scp.wait_idle(timeout=max(30.0, self.config_timeout)):
+        self.server.abort_all()
+        timeout = max(30.0, self.scp.config.dicom.dimse_timeout)
+        if not self.scp.wait_idle(timeout=timeout):
             log.error("C-STORE handlers still running at exit")
+        self.server.wait_closed(timeout=5.0)
+        self.scp.close()
         self.recorder.close()
         self.engine.dispose()
 
-    @property
-    def config_timeout(self) -> float:
-        return self.scp.config.dicom.dimse_timeout
+
+def _native_server(config: Config, scp: StorageSCP, address: tuple[str, int]) -> NativeServer:
+    dicom = config.dicom
+    settings = ServerSettings(
+        ae_title=dicom.ae_title, require_called_ae=dicom.require_called_ae,
+        max_associations=dicom.max_associations, max_pdu_size=dicom.max_pdu_size,
+        acse_timeout=dicom.acse_timeout, dimse_timeout=dicom.dimse_timeout,
+        network_timeout=dicom.network_timeout)
+    contexts = [build_context(Verification)] + [
+        build_context(abstract, syntaxes) for abstract, syntaxes in _storage_contexts()]
+    return NativeServer(scp, settings, address, contexts, scp.spool.open_incoming,
+                        scp.spool.discard, ssl_context=server_ssl_context(config))
 
 
 def serve_scp(config: Config, *, host: str | None = None, port: int | None = None) -> RunningSCP:
     """Start one receiving server in this process (non-blocking) and return it.
 
-    Builds the engine, spool and recorder once; points the temporary directory used by
-    pynetdicom's streamed receive at the spool's ``.incoming`` folder so a received file
-    is moved into place by a rename, never copied.
+    Builds the engine, spool and recorder once; ``[dicom] engine`` picks the receive loop:
+    ``native`` (:mod:`triage_node.ulserver`) or ``pynetdicom``. Either way received data
+    lands in the spool's ``.incoming`` folder, so a file is moved into place by a rename,
+    never copied.
     """
     spool = Spool(config.storage.path, fsync=config.storage.fsync,
                   min_free_bytes=config.storage.min_free_mb * 2**20)
     spool.prepare()
-    tempfile.tempdir = str(spool.incoming)
     engine = store.make_engine(config.database.url)
     factory = store.make_session_factory(engine)
     recorder = Recorder(partial(store.record_batch, factory))
     scp = StorageSCP(config, spool, recorder, on_release=partial(store.mark_release_hint, factory))
-    ae, handlers = build_ae(config, scp)
     address = (host if host is not None else config.dicom.host,
                port if port is not None else config.dicom.port)
-    server = ae.make_server(address, evt_handlers=handlers,
-                            ssl_context=server_ssl_context(config),
-                            server_class=ReusePortServer)
-    ae._servers.append(server)
+    server: _Listener
+    if config.dicom.engine == "native":
+        server = _native_server(config, scp, address)
+    else:
+        # pynetdicom streams into a NamedTemporaryFile in the default temporary directory
+        tempfile.tempdir = str(spool.incoming)
+        ae, handlers = build_ae(config, scp)
+        pyn = ae.make_server(address, evt_handlers=handlers,
+                             ssl_context=server_ssl_context(config),
+                             server_class=ReusePortServer)
+        ae._servers.append(pyn)
+        server = cast(ReusePortServer, pyn)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
                               name="scp-accept", daemon=True)
     thread.start()
-    return RunningSCP(scp, ae, server, thread, recorder, engine)
+    log.info("receive engine: %s", config.dicom.engine)
+    return RunningSCP(scp, server, thread, recorder, engine)
 
 
 # ----------------------------------------------------------------------------- processes

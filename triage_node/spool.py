@@ -148,30 +148,81 @@ class Spool:
     def commit(self, tmp: Path, relpath: str) -> Path:
         """Durably move a fully written temporary file to its place in the spool.
 
-        A file already at ``relpath`` (a re-sent instance) is replaced atomically.
+        A file already at ``relpath`` (a re-sent instance) is replaced atomically. The same
+        as :meth:`sync`, :meth:`place`, :meth:`sync_dir` in turn; the SCP calls those
+        separately to overlap them with other work.
 
         Raises
         ------
         SpoolError
             On any OS error (disk full, permissions, I/O); ``tmp`` is removed.
         """
-        final = self.path(relpath)
         try:
-            if self.fsync:
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            self.sync(tmp)
+        except SpoolError:
+            self.discard(tmp)
+            raise
+        final = self.place(tmp, relpath)
+        self.sync_dir(final.parent, relpath)
+        return final
+
+    def sync(self, tmp: Path) -> None:
+        """``fsync`` a written temporary file (when fsync is on).
+
+        Raises
+        ------
+        SpoolError
+            On an OS error; ``tmp`` is left for the caller.
+        """
+        if not self.fsync:
+            return
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise SpoolError(f"cannot store {tmp.name}: {self._why(exc)}") from exc
+
+    def place(self, tmp: Path, relpath: str) -> Path:
+        """Rename a synced temporary file to ``relpath`` (parents created durably).
+
+        Durable only after :meth:`sync_dir` of the returned path's folder.
+
+        Raises
+        ------
+        SpoolError
+            On any OS error; ``tmp`` is removed.
+        """
+        try:
+            final = self.path(relpath)
             self._ensure_dir(final.parent)
             os.replace(tmp, final)
-            if self.fsync:
-                _fsync_dir(final.parent)
-        except OSError as exc:
+        except (OSError, SpoolError) as exc:
             self.discard(tmp)
-            why = "disk full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+            why = exc if isinstance(exc, SpoolError) else self._why(exc)
             raise SpoolError(f"cannot store {relpath}: {why}") from exc
         return final
+
+    def sync_dir(self, directory: Path, relpath: str = "") -> None:
+        """``fsync`` a folder, making the renames into it durable (when fsync is on).
+
+        Raises
+        ------
+        SpoolError
+            On an OS error.
+        """
+        if not self.fsync:
+            return
+        try:
+            _fsync_dir(directory)
+        except OSError as exc:
+            raise SpoolError(f"cannot store {relpath or directory}: {self._why(exc)}") from exc
+
+    @staticmethod
+    def _why(exc: OSError) -> str:
+        return "disk full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
 
     def write(self, relpath: str, data: bytes) -> Path:
         """Write ``data`` atomically and durably at ``relpath`` (for non-streamed input)."""
