@@ -1,5 +1,15 @@
 """Training code for the ICH classifier (``triage-node train`` / ``evaluate``).
 
-Empty until the training issue lands; it will import only preprocess, model, config and
-store from :mod:`triage_node` - never the SCP or the API.
+Modules, each importing only preprocess, model, domain, errors (and later store) from
+:mod:`triage_node` - never the SCP, the queue or the API:
+
+:mod:`train.data`
+    Labels (RSNA ``stage_2_train.csv`` or a generic CSV), the cached DICOM header index,
+    the patient-level multilabel-stratified split and the persistent slice cache.
+:mod:`train.metrics`
+    The RSNA weighted log loss, ROC AUC, confusion counts, thresholds for a sensitivity.
+:mod:`train.loop`
+    The training run: epochs, checkpoints, resume, early stopping, the artifact.
+:mod:`train.evaluate`
+    Figures, plots and the HTML report for an artifact on labelled data.
 """

@@ -157,8 +157,8 @@ def _add_train_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     def data_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--data", required=True, type=Path, metavar="DIR",
                        help="folder of the DICOM slices, searched recursively (RSNA: the "
-                            "stage_2_train folder of ID_<id>.dcm; generic CSV: the folder its "
-                            "relative paths start from)")
+                            "stage_2_train folder of ID_<id>.dcm; generic CSV: a folder holding "
+                            "every file it lists, relative paths being relative to the CSV)")
         p.add_argument("--labels", required=True, type=Path, metavar="CSV",
                        help="RSNA stage_2_train.csv (ID_<id>_<label>,Label) or a generic CSV "
                             "with a 'path' column and the columns any, epidural, "
@@ -166,7 +166,8 @@ def _add_train_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         p.add_argument("--label-format", choices=["auto", "rsna", "generic"], default="auto",
                        help="format of --labels (default: from its header)")
         p.add_argument("--cache-dir", type=Path, metavar="DIR",
-                       help="persistent cache of preprocessed series (float16 .npy per series)")
+                       help="persistent cache of preprocessed series, one float16 .npy each, "
+                            "reusable across runs (default: WORK_DIR/cache, or OUT/cache)")
         p.add_argument("--index", type=Path, metavar="FILE",
                        help="DICOM header index (default CACHE_DIR/index.csv); headers are read "
                             "once and only new or changed files again")
