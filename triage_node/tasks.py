@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 CLASSIFY_TASK = "triage_node.classify_series"
 INFER_TASK = "triage_node.infer_slices"
 
+#: How often a worker on the embedded transport looks for tasks (an indexed SQLite query).
+EMBEDDED_POLL_SECONDS = 0.1
+
 
 def broker_url(config: Config) -> str:
     """The effective broker URL (the embedded SQLite transport when none is configured)."""
@@ -60,6 +63,12 @@ def make_celery(config: Config) -> Celery:
         # A task not acknowledged within this long (worker gone) is delivered again.
         app.conf.broker_transport_options = {
             "visibility_timeout": config.queue.visibility_timeout}
+    else:  # the embedded SQLite transport polls, by default every second: every task
+        # (several per series) would wait up to that long. Its transport options go to
+        # create_engine(), so the interval is set on the transport class.
+        from kombu.transport import sqlalchemy as kombu_sqla
+
+        kombu_sqla.Transport.polling_interval = EMBEDDED_POLL_SECONDS
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
