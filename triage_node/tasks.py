@@ -245,7 +245,7 @@ class EagerBatches:
 
 
 def run_assembler(config: Config, app: Celery, stop: threading.Event,
-                  interval: float = 0.5) -> None:
+                  interval: float = 0.2) -> None:
     """Decide complete series every ``interval`` s and queue the selected ones, until ``stop``.
 
     At start it re-queues series left ``queued`` or ``processing`` (a crash between deciding
