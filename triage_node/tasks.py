@@ -307,9 +307,11 @@ def worker_main(config: Config, *, assembler: bool = True) -> None:
     store.upgrade(config.database.url)
     app = make_celery(config)
     stop = threading.Event()
+    assembling: threading.Thread | None = None
     if assembler:
-        threading.Thread(target=run_assembler, args=(config, app, stop), name="assembler",
-                         daemon=True).start()
+        assembling = threading.Thread(target=run_assembler, args=(config, app, stop),
+                                      name="assembler", daemon=True)
+        assembling.start()
         if config.destinations:
             from triage_node.sender import run_delivery
 
@@ -328,6 +330,7 @@ def worker_main(config: Config, *, assembler: bool = True) -> None:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         stop.wait()
+        _finish_round(assembling)
         return
     warm_up(config)  # the solo pool runs tasks in this process: load the model once, now
     from triage_node.store.worklist import run_heartbeat  # /healthz: a worker is alive
@@ -340,3 +343,13 @@ def worker_main(config: Config, *, assembler: bool = True) -> None:
                          "-n", "triage@%h"])
     finally:
         stop.set()
+        _finish_round(assembling)
+
+
+def _finish_round(assembling: threading.Thread | None) -> None:
+    """On shutdown, let the assembler finish its round: a series it has just decided (queued
+    in the database) also gets its task into the broker before the process exits."""
+    if assembling is not None:
+        assembling.join(timeout=30)
+        if assembling.is_alive():
+            log.warning("the assembler did not finish its round within 30 s")
