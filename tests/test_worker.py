@@ -96,7 +96,6 @@ def test_embedded_transport_is_the_default(tmp_path: Path) -> None:
 
 def test_series_left_queued_is_picked_up_by_a_new_worker(tmp_path: Path, redis_url: str) -> None:
     """Decided but never queued (a crash in between): the next worker's assembler re-queues."""
-    import datetime as dt
 
     from triage_node.config import TriageConfig
     from triage_node.domain import utcnow
@@ -108,7 +107,8 @@ def test_series_left_queued_is_picked_up_by_a_new_worker(tmp_path: Path, redis_u
         assert storescu(node.port, [s.path for s in truth.slices]).returncode == 0
         engine = store.make_engine(node.database_url)
         factory = store.make_session_factory(engine)
-        decided = assemble_due(factory, TriageConfig(), now=utcnow() + dt.timedelta(minutes=5))
+        time.sleep(0.2)  # quiet for longer than stable_seconds below: decided now, not later
+        decided = assemble_due(factory, TriageConfig(stable_seconds=0.1), now=utcnow())
         assert [d.selected for d in decided] == [True]  # queued in the database, no task sent
         with (tmp_path / "worker.log").open("wb") as log:
             worker = subprocess.Popen([sys.executable, "-m", "triage_node.cli", "worker",

@@ -26,6 +26,7 @@ import datetime as dt
 import importlib.util
 import logging
 import threading
+import time
 from dataclasses import replace
 from functools import cache, partial
 from typing import Any
@@ -43,6 +44,9 @@ log = logging.getLogger(__name__)
 
 CLASSIFY_TASK = "triage_node.classify_series"
 INFER_TASK = "triage_node.infer_slices"
+
+#: A series decided this recently is not re-queued by a starting worker (see run_assembler).
+SWEEP_GRACE_SECONDS = 30.0
 
 #: How often a worker on the embedded transport looks for tasks (an indexed SQLite query).
 EMBEDDED_POLL_SECONDS = 0.1
@@ -260,17 +264,25 @@ def run_assembler(config: Config, app: Celery, stop: threading.Event,
     factory = store.make_session_factory(store.make_engine(config.database.url))
     eager = EagerBatches(config.triage, config.queue.eager_batch)
     left = (SeriesState.QUEUED.value, SeriesState.PROCESSING.value)
-    unsent: set[str] | None = None  # None: the start-up sweep is still to be done
+    unsent: set[str] = set()
+    # Start-up sweeps, now and once more after the grace: a series decided in the last
+    # SWEEP_GRACE_SECONDS may belong to another worker's live assembler (re-queuing it would
+    # have two workers classify it at once); one left by a crash is older by the second.
+    sweeps = [time.monotonic(), time.monotonic() + SWEEP_GRACE_SECONDS]
     failures = 0
     while not stop.is_set():
         try:
-            if unsent is None:
-                unsent = set(store.series_in_states(factory, left))
+            if sweeps and time.monotonic() >= sweeps[0]:
+                found = set(store.series_in_states(
+                    factory, left,
+                    decided_before=utcnow() - dt.timedelta(seconds=SWEEP_GRACE_SECONDS)))
                 if config.destinations:
-                    unsent |= set(store.results_without_document(
+                    found |= set(store.results_without_document(
                         factory, SR_SOP_CLASS_UID, since=utcnow() - dt.timedelta(days=1)))
-                for uid in sorted(unsent):
+                for uid in sorted(found - unsent):
                     log.info("re-queuing series %s left from before", uid)
+                unsent |= found
+                sweeps.pop(0)
             for uid in eager.due(factory):
                 app.send_task(INFER_TASK, args=[uid])
             for decision in assemble_due(factory, config.triage):

@@ -1028,12 +1028,15 @@ def claim_series(session_factory: sessionmaker[Session], series_instance_uid: st
         return bool(result.rowcount)
 
 
-def series_in_states(session_factory: sessionmaker[Session],
-                     states: Collection[str]) -> list[str]:
-    """Series Instance UIDs of the series in any of ``states``, oldest activity first."""
+def series_in_states(session_factory: sessionmaker[Session], states: Collection[str], *,
+                     decided_before: dt.datetime | None = None) -> list[str]:
+    """Series Instance UIDs of the series in any of ``states``, oldest activity first;
+    with ``decided_before``, only those whose completion was decided before that time."""
     s = _SERIES.c
     stmt = (sa.select(s.series_instance_uid).where(s.state.in_(sorted(states)))
             .order_by(s.last_received_at))
+    if decided_before is not None:
+        stmt = stmt.where(s.completed_at < _check_aware(decided_before, "decided_before"))
     with _transaction(session_factory, "list series by state", read_only=True) as session:
         return list(session.execute(stmt).scalars())
 
