@@ -10,6 +10,7 @@ leftovers. When the server is unreachable the PostgreSQL variants are skipped, u
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import shutil
 import subprocess
@@ -137,3 +138,17 @@ def tls_files(tmp_path: Path) -> tuple[Path, Path]:
         timeout=60,
     )
     return cert, key
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A Redis database of its own, empty before and after (real Redis at 127.0.0.1)."""
+    redis = pytest.importorskip("redis")
+    db = random.Random().randrange(1, 16)
+    client = redis.Redis(host="127.0.0.1", port=6379, db=db)
+    try:
+        client.flushdb()
+    except redis.exceptions.ConnectionError as exc:
+        pytest.skip(f"Redis at 127.0.0.1:6379 unreachable: {exc}")
+    yield f"redis://127.0.0.1:6379/{db}"
+    client.flushdb()

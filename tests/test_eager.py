@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import http.client
 import os
-import random
 import subprocess
 import sys
 import time
@@ -152,20 +151,6 @@ def test_spool_server_hands_out_stored_files_only(tmp_path: Path,
         conn.close()
     with pytest.raises(SpoolError, match="cannot fetch"):
         RemoteSpool(f"http://127.0.0.1:{free_port()}", tmp_path / "c3").path("a/b/c.dcm", 400)
-
-
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    """A Redis database of its own, empty before and after (real Redis at 127.0.0.1)."""
-    redis = pytest.importorskip("redis")
-    db = random.Random().randrange(1, 16)
-    client = redis.Redis(host="127.0.0.1", port=6379, db=db)
-    try:
-        client.flushdb()
-    except redis.exceptions.ConnectionError as exc:
-        pytest.skip(f"Redis at 127.0.0.1:6379 unreachable: {exc}")
-    yield f"redis://127.0.0.1:6379/{db}"
-    client.flushdb()
 
 
 def test_worker_without_the_spool_fetches_from_the_scp_host(tmp_path: Path,

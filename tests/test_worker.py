@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import random
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,20 +17,6 @@ from triage_node.phantom import generate_study
 from triage_node.preprocess import PreprocessSpec
 
 pytestmark = pytest.mark.skipif(not (DCMTK / "storescu").exists(), reason="dcmtk not installed")
-
-
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    """A Redis database of its own, empty before and after (real Redis at 127.0.0.1)."""
-    redis = pytest.importorskip("redis")
-    db = random.Random().randrange(1, 16)
-    client = redis.Redis(host="127.0.0.1", port=6379, db=db)
-    try:
-        client.flushdb()
-    except redis.exceptions.ConnectionError as exc:
-        pytest.skip(f"Redis at 127.0.0.1:6379 unreachable: {exc}")
-    yield f"redis://127.0.0.1:6379/{db}"
-    client.flushdb()
 
 
 def _model(tmp_path: Path) -> Path:

@@ -854,6 +854,7 @@ def list_events(
     since: dt.datetime | None = None,
     kinds: Iterable[EventKind] | None = None,
     limit: int | None = None,
+    series_instance_uid: str | None = None,
 ) -> list[EventRecord]:
     """Audit events in time order.
 
@@ -867,6 +868,8 @@ def list_events(
         Only events of these kinds (none at all for an empty iterable); all when ``None``.
     limit : int, optional
         At most this many (the oldest matching ones); all when ``None``.
+    series_instance_uid : str, optional
+        Only events about this series.
 
     Returns
     -------
@@ -887,6 +890,9 @@ def list_events(
         if isinstance(kinds, str):
             raise TypeError("kinds must be an iterable of EventKind, not a single str")
         stmt = stmt.where(e.kind.in_(sorted({EventKind(k).value for k in kinds})))
+    if series_instance_uid is not None:
+        _check_uid(series_instance_uid, "series_instance_uid")
+        stmt = stmt.where(e.series_instance_uid == series_instance_uid)
     with _transaction(session_factory, "list events", read_only=True) as session:
         rows = session.execute(stmt).all()
     return [

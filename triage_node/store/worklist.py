@@ -56,6 +56,7 @@ from triage_node.store.repository import (
     _check_uid,
     _insert_factory,
     _transaction,
+    list_events,
 )
 
 __all__ = [
@@ -479,31 +480,7 @@ def series_events(
     DatabaseError
         If the database is unreachable.
     """
-    _check_uid(series_instance_uid, "series_instance_uid")
-    _check_limit(limit)
-    e = _EVENT.c
-    stmt = (
-        sa.select(_EVENT)
-        .where(e.series_instance_uid == series_instance_uid)
-        .order_by(e.at, e.id)
-        .limit(limit)
-    )
-    with _transaction(session_factory, "list series events", read_only=True) as session:
-        rows = session.execute(stmt).all()
-    return [
-        EventRecord(
-            kind=EventKind(row.kind),
-            at=row.at,
-            actor=row.actor,
-            peer=row.peer,
-            outcome=row.outcome,
-            detail=row.detail,
-            study_instance_uid=row.study_instance_uid,
-            series_instance_uid=row.series_instance_uid,
-            sop_instance_uid=row.sop_instance_uid,
-        )
-        for row in rows
-    ]
+    return list_events(session_factory, series_instance_uid=series_instance_uid, limit=limit)
 
 
 def list_feedback(
