@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -91,11 +92,13 @@ class _Writer:
         self.delay = delay
         self.fail = fail
 
-    def __call__(self, instances: Sequence[InstanceRecord],
-                 events: Sequence[EventRecord]) -> list[bool]:
+    def __call__(self, instances: Sequence[InstanceRecord], events: Sequence[EventRecord],
+                 before_commit: Callable[[], None] | None = None) -> list[bool]:
         time.sleep(self.delay)
         if self.fail:
             raise DatabaseError("database is down")
+        if before_commit is not None:
+            before_commit()
         self.batches.append((len(instances), len(events)))
         return [i % 2 == 0 for i in range(len(instances))]
 
@@ -168,3 +171,59 @@ def test_recorder_waits_for_announced_records(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 2.0, "a withdrawn announcement is not waited for"
     recorder.close()
     assert writer.batches == [(2, 0), (1, 0), (1, 0)]
+
+
+def test_recorder_commits_only_once_ready(tmp_path: Path) -> None:
+    """The batch's statements run at once; its commit waits for the file to be in place."""
+    rec = _record(make_instance(tmp_path / "a.dcm"))
+    calls: list[str] = []
+
+    def writer(instances: Sequence[InstanceRecord], events: Sequence[EventRecord],
+               before_commit: Callable[[], None] | None = None) -> list[bool]:
+        calls.append("statements")
+        assert before_commit is not None
+        before_commit()
+        calls.append("commit")
+        return [True] * len(instances)
+
+    recorder = Recorder(writer)
+    ready: Future[None] = Future()
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (recorder.record(rec, ready=ready), done.set()))
+    thread.start()
+    time.sleep(0.2)
+    assert calls == ["statements"] and not done.is_set()
+    ready.set_result(None)
+    thread.join(5)
+    assert calls == ["statements", "commit"] and done.is_set()
+    recorder.close()
+
+
+def test_recorder_leaves_out_a_record_whose_file_failed(tmp_path: Path) -> None:
+    """One file failing: its record raises, the rest of the batch is written without it."""
+    good = _record(make_instance(tmp_path / "a.dcm"))
+    writer = _Writer()
+    recorder = Recorder(writer, linger=5.0)
+    failed: Future[None] = Future()
+    failed.set_exception(OSError("disk full"))
+    ok: Future[None] = Future()
+    ok.set_result(None)
+    outcome: list[object] = []
+
+    def bad() -> None:
+        try:
+            recorder.record(good, [EventRecord(EventKind.INSTANCE_STORED, utcnow())],
+                            ready=failed, expected=True)
+        except DatabaseError as exc:
+            outcome.append(exc)
+
+    recorder.expect()
+    recorder.expect()
+    thread = threading.Thread(target=bad)
+    thread.start()
+    assert recorder.record(good, ready=ok, expected=True) is True
+    thread.join(5)
+    assert len(outcome) == 1 and "disk full" in str(outcome[0])
+    recorder.close()
+    # one transaction: the failed record and its event left out
+    assert writer.batches == [(1, 0)]

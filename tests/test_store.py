@@ -10,7 +10,8 @@ import random
 import socket
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from triage_node.domain import (
 )
 from triage_node.errors import DatabaseError
 from triage_node.store import (
+    InstanceWriter,
     alembic_config,
     count_instances,
     current_revision,
@@ -107,6 +109,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+#: ``(instances, events=(), before_commit=None) -> list[bool]``
+Write = Callable[..., list[bool]]
+
+
+@pytest.fixture(params=["record_batch", "InstanceWriter"])
+def write(request: pytest.FixtureRequest, session_factory: sessionmaker[Session]) -> Write:
+    """Both ways of recording received instances: the general :func:`record_batch` and the
+    SCP's :class:`InstanceWriter` (its fast path from the second batch of a series on)."""
+    if request.param == "record_batch":
+        return partial(record_batch, session_factory)
+    return InstanceWriter(session_factory)
 
 
 @pytest.fixture
@@ -425,11 +440,13 @@ def test_invalid_records_are_refused_before_writing(session_factory: sessionmake
 # --------------------------------------------------------------------------- record_batch
 
 
-def test_new_and_duplicate_instances(session_factory: sessionmaker[Session]) -> None:
+def test_new_and_duplicate_instances(
+    session_factory: sessionmaker[Session], write: Write
+) -> None:
     a, b, c = (instance(f"1.2.3.{n}") for n in (1, 2, 3))
-    assert record_batch(session_factory, [a, b, a]) == [True, True, False]
+    assert write([a, b, a]) == [True, True, False]
     resent_b = instance("1.2.3.2", file_path="elsewhere.dcm", at=T0 + dt.timedelta(hours=1))
-    assert record_batch(session_factory, [resent_b, c, c]) == [False, True, False]
+    assert write([resent_b, c, c]) == [False, True, False]
     assert count_instances(session_factory) == 3
 
     stored_b = get_instance(session_factory, "1.2.3.2")
@@ -449,20 +466,19 @@ def test_empty_batch_writes_nothing(session_factory: sessionmaker[Session]) -> N
 
 
 def test_patient_study_series_are_shared_across_batches(
-    session_factory: sessionmaker[Session],
+    session_factory: sessionmaker[Session], write: Write
 ) -> None:
     study = "1.2.3"
     s1, s2 = "1.2.3.100", "1.2.3.200"
-    record_batch(session_factory, [instance("1.2.3.100.1", series=s1, study=study)])
-    record_batch(
-        session_factory,
+    write([instance("1.2.3.100.1", series=s1, study=study)])
+    write(
         [
             instance("1.2.3.100.2", series=s1, study=study, at=T0 + dt.timedelta(seconds=5)),
             instance("1.2.3.200.1", series=s2, study=study, at=T0 + dt.timedelta(seconds=9)),
         ],
     )
-    record_batch(
-        session_factory, [instance("9.9.1", series="9.9.1.1", study="9.9", patient="PAT-1")]
+    write(
+        [instance("9.9.1", series="9.9.1.1", study="9.9", patient="PAT-1")]
     )
     assert scalar(session_factory, "SELECT count(*) FROM patient") == 1
     assert scalar(session_factory, "SELECT count(*) FROM study") == 2
@@ -474,16 +490,17 @@ def test_patient_study_series_are_shared_across_batches(
     assert counts == {s1: 2, s2: 1, "9.9.1.1": 1}
 
 
-def test_series_states(session_factory: sessionmaker[Session]) -> None:
+def test_series_states(
+    session_factory: sessionmaker[Session], write: Write
+) -> None:
     refused = InstanceState.NOT_FOR_TRIAGE
     t = [T0 + dt.timedelta(seconds=n) for n in range(10)]
 
-    record_batch(session_factory, [instance("1.1.1", series="1.1", at=t[3])])
+    write([instance("1.1.1", series="1.1", at=t[3])])
     assert series_row(session_factory, "1.1") == (SeriesState.RECEIVING, None, t[3], t[3])
 
     # A new series of refused instances is NOT_TRIAGED with the first one's reason...
-    record_batch(
-        session_factory,
+    write(
         [
             instance("1.2.1", series="1.2", state=refused, reason="localizer", at=t[5]),
             instance("1.2.2", series="1.2", state=refused, reason="other", at=t[4]),
@@ -491,21 +508,20 @@ def test_series_states(session_factory: sessionmaker[Session]) -> None:
     )
     assert series_row(session_factory, "1.2") == (SeriesState.NOT_TRIAGED, "localizer", t[4], t[5])
     # ...stays so when more refused instances come...
-    record_batch(session_factory, [instance("1.2.3", series="1.2", state=refused, reason="x")])
+    write([instance("1.2.3", series="1.2", state=refused, reason="x")])
     assert series_row(session_factory, "1.2")[:2] == (SeriesState.NOT_TRIAGED, "localizer")
     # ...and becomes RECEIVING, without reason, with the first triageable one.
-    record_batch(session_factory, [instance("1.2.4", series="1.2", at=t[9])])
+    write([instance("1.2.4", series="1.2", at=t[9])])
     assert series_row(session_factory, "1.2") == (SeriesState.RECEIVING, None, t[0], t[9])
 
     # A RECEIVING series stays so whatever arrives; times only widen.
-    record_batch(
-        session_factory, [instance("1.1.2", series="1.1", state=refused, reason="r", at=t[1])]
+    write(
+        [instance("1.1.2", series="1.1", state=refused, reason="r", at=t[1])]
     )
     assert series_row(session_factory, "1.1") == (SeriesState.RECEIVING, None, t[1], t[3])
 
     # A new series whose batch mixes both kinds is RECEIVING.
-    record_batch(
-        session_factory,
+    write(
         [
             instance("1.3.1", series="1.3", state=refused, reason="localizer"),
             instance("1.3.2", series="1.3"),
@@ -518,19 +534,21 @@ def test_series_states(session_factory: sessionmaker[Session]) -> None:
         session.execute(
             sa.text("UPDATE series SET state = 'done' WHERE series_instance_uid = '1.3'")
         )
-    record_batch(session_factory, [instance("1.3.3", series="1.3", at=t[8])])
+    write([instance("1.3.3", series="1.3", at=t[8])])
     assert series_row(session_factory, "1.3") == (SeriesState.RECEIVING, None, t[0], t[8])
     # ...but a late non-triageable instance (a dose report, say) does not.
     with session_factory.begin() as session:
         session.execute(
             sa.text("UPDATE series SET state = 'done' WHERE series_instance_uid = '1.3'")
         )
-    record_batch(session_factory, [instance("1.3.4", series="1.3", at=t[9], state=refused,
+    write([instance("1.3.4", series="1.3", at=t[9], state=refused,
                                             reason="not a CT image")])
     assert series_row(session_factory, "1.3")[0] == SeriesState.DONE
 
 
-def test_batch_spanning_series_studies_and_patients(session_factory: sessionmaker[Session]) -> None:
+def test_batch_spanning_series_studies_and_patients(
+    session_factory: sessionmaker[Session], write: Write
+) -> None:
     batch = [
         instance(f"2.{p}.{s}.{n}", series=f"2.{p}.{s}", study=f"2.{p}", patient=f"P{p}")
         for p in range(3)
@@ -538,16 +556,18 @@ def test_batch_spanning_series_studies_and_patients(session_factory: sessionmake
         for n in range(4)
     ]
     random.Random(7).shuffle(batch)
-    assert all(record_batch(session_factory, batch))
+    assert all(write(batch))
     assert scalar(session_factory, "SELECT count(*) FROM patient") == 3
     assert scalar(session_factory, "SELECT count(*) FROM study") == 3
     assert [s.instance_count for s in list_series(session_factory)] == [4] * 6
 
 
-def test_large_batch(session_factory: sessionmaker[Session]) -> None:
+def test_large_batch(
+    session_factory: sessionmaker[Session], write: Write
+) -> None:
     batch = [instance(f"3.{n}", at=T0 + dt.timedelta(milliseconds=n)) for n in range(1234)]
-    assert record_batch(session_factory, batch) == [True] * 1234
-    assert record_batch(session_factory, batch[::-1]) == [False] * 1234
+    assert write(batch) == [True] * 1234
+    assert write(batch[::-1]) == [False] * 1234
     assert count_instances(session_factory) == 1234
     assert series_row(session_factory, batch[0].series_instance_uid)[2:] == (
         T0,
@@ -706,8 +726,12 @@ def shared_instances() -> list[InstanceRecord]:
 def record_overlapping(sessions: sessionmaker[Session], worker: int) -> tuple[int, int]:
     """Record all shared instances in a worker-specific order and batching.
 
-    Batches mix series, and repeat instances. Returns (instances reported new, batches).
+    Batches mix series, and repeat instances. Odd workers write through the SCP's
+    :class:`InstanceWriter` (its fast path for series it has seen), even ones through
+    :func:`record_batch`, so both meet on the same series. Returns (instances reported new,
+    batches).
     """
+    write: Write = InstanceWriter(sessions) if worker % 2 else partial(record_batch, sessions)
     rng = random.Random(worker)
     todo = shared_instances()
     rng.shuffle(todo)
@@ -716,7 +740,7 @@ def record_overlapping(sessions: sessionmaker[Session], worker: int) -> tuple[in
         size = rng.randint(1, 8)
         batch, todo = todo[:size], todo[size:]
         batch += batch[: rng.randint(0, 1)]  # a re-send inside the batch
-        new += sum(record_batch(sessions, batch, [event(detail=f"worker {worker}")]))
+        new += sum(write(batch, [event(detail=f"worker {worker}")]))
         batches += 1
     return new, batches
 
@@ -805,14 +829,67 @@ def test_concurrent_processes(
         engine.dispose()
 
 
-def test_resend_updates_file_facts_only(session_factory: sessionmaker[Session]) -> None:
+def test_resend_updates_file_facts_only(
+    session_factory: sessionmaker[Session], write: Write
+) -> None:
     """A re-sent instance (new transfer syntax, new file) keeps its row but not stale facts."""
     first = instance("1.2.3.9.1", file_size=100)
-    assert record_batch(session_factory, [first]) == [True]
+    assert write([first]) == [True]
     again = dataclasses.replace(first, transfer_syntax_uid="1.2.840.10008.1.2.4.90",
                                 file_size=42, calling_ae="OTHER")
-    assert record_batch(session_factory, [again]) == [False]
+    assert write([again]) == [False]
     got = get_instance(session_factory, "1.2.3.9.1")
     assert got is not None
     assert got.transfer_syntax_uid == "1.2.840.10008.1.2.4.90" and got.file_size == 42
     assert got.calling_ae == first.calling_ae, "other facts stay as first recorded"
+
+
+def test_instance_writer_fast_path_statements(session_factory: sessionmaker[Session]) -> None:
+    """Once a series is known, a batch is the instances, one series update and the events."""
+    statements: list[str] = []
+    engine = session_factory.kw["bind"]
+    write = InstanceWriter(session_factory)
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement.split(None, 1)[0].upper())
+
+    write([instance("4.0")])  # first sight of the series: the general path
+    sa.event.listen(engine, "before_cursor_execute", count)
+    try:
+        assert write([instance("4.1"), instance("4.2")], [event()]) == [True, True]
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", count)
+    # (BEGIN IMMEDIATE on SQLite, the series lock on PostgreSQL) + INSERT + UPDATE + INSERT
+    assert statements[-3:] == ["INSERT", "UPDATE", "INSERT"], statements
+    assert len(statements) == 4, statements
+    assert count_instances(session_factory) == 3
+
+
+def test_instance_writer_survives_a_deleted_series(session_factory: sessionmaker[Session]) -> None:
+    """A remembered series whose rows were deleted (retention) is created again."""
+    write = InstanceWriter(session_factory)
+    write([instance("5.1", at=T0)])
+    with session_factory.begin() as session:
+        session.execute(sa.text("DELETE FROM instance"))
+        session.execute(sa.text("DELETE FROM series"))
+    later = T0 + dt.timedelta(seconds=30)
+    assert write([instance("5.2", at=later)]) == [True]
+    assert count_instances(session_factory) == 1
+    assert series_row(session_factory, "1.2.826.0.1.3680043.2.1.1") == (
+        SeriesState.RECEIVING, None, later, later)
+
+
+def test_before_commit_failure_records_nothing(
+    session_factory: sessionmaker[Session], write: Write
+) -> None:
+    """What the SCP waits for before the commit (the file in place) failing rolls back."""
+    write([instance("6.1")])
+
+    def fail() -> None:
+        raise RuntimeError("file not stored")
+
+    with pytest.raises(RuntimeError, match="file not stored"):
+        write([instance("6.2")], [event()], fail)
+    assert count_instances(session_factory) == 1
+    assert list_events(session_factory) == []
+    assert write([instance("6.2")], [], lambda: None) == [True]

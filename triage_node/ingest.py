@@ -13,9 +13,10 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -33,6 +34,13 @@ from triage_node.errors import DatabaseError, InvalidDatasetError
 log = logging.getLogger(__name__)
 
 _MAX_TEXT = 256
+
+
+class Header(Protocol):
+    """What the record is built from: a pydicom Dataset, or the fast path's
+    :class:`triage_node.header.HeaderFields`."""
+
+    def get(self, keyword: str, default: Any = None) -> Any: ...
 
 
 _IDENTIFYING = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
@@ -146,14 +154,14 @@ def _floats(value: Any, n: int) -> tuple[float, ...] | None:
     return out if len(out) == n else None
 
 
-def _get(ds: Dataset, keyword: str) -> Any:
+def _get(ds: Header, keyword: str) -> Any:
     try:
         return ds.get(keyword)
     except Exception:  # a malformed optional element must not refuse the instance
         return None
 
 
-def triage_eligibility(ds: Dataset, sop_class_uid: str) -> tuple[InstanceState, str | None]:
+def triage_eligibility(ds: Header, sop_class_uid: str) -> tuple[InstanceState, str | None]:
     """Whether an instance can be triaged, and if not, why (stored and recorded either way).
 
     Series-level rules (head, axial, enough slices) come later, in series assembly.
@@ -179,7 +187,7 @@ MAX_MATRIX = 4096
 _NATIVE_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"})
 
 
-def pixel_problem(ds: Dataset, transfer_syntax_uid: str, file_size: int) -> str | None:
+def pixel_problem(ds: Header, transfer_syntax_uid: str, file_size: int) -> str | None:
     """Why a slice's image cannot be used, judged from its header and file size; or None.
 
     The header parse stops before the pixel data, so a missing or short Pixel Data
@@ -205,7 +213,7 @@ def pixel_problem(ds: Dataset, transfer_syntax_uid: str, file_size: int) -> str 
 
 
 def instance_record(
-    ds: Dataset,
+    ds: Header,
     *,
     sop_class_uid: str,
     transfer_syntax_uid: str,
@@ -252,7 +260,11 @@ def instance_record(
 
 # ----------------------------------------------------------------------------- recorder
 
-BatchWriter = Callable[[Sequence[InstanceRecord], Sequence[EventRecord]], list[bool]]
+#: ``(instances, events, before_commit) -> list[bool]``, e.g. a partial of
+#: :func:`triage_node.store.record_batch`: it must call ``before_commit`` (when not None)
+#: inside the transaction, after its statements and before the commit.
+BatchWriter = Callable[
+    [Sequence[InstanceRecord], Sequence[EventRecord], Callable[[], None] | None], list[bool]]
 
 
 @dataclass(slots=True)
@@ -260,6 +272,17 @@ class _Item:
     instance: InstanceRecord | None
     events: tuple[EventRecord, ...]
     future: Future[bool] | None
+    #: done when the instance's file is in place; the transaction commits only after that
+    ready: Future[Any] | None = None
+    timeout: float = 60.0
+
+
+class _NotReady(Exception):
+    """Raised by a batch's ``before_commit``: some instances' files were not stored."""
+
+    def __init__(self, failed: list[tuple[_Item, BaseException]]) -> None:
+        super().__init__(f"{len(failed)} file(s) not stored")
+        self.failed = failed
 
 
 class Recorder:
@@ -269,6 +292,11 @@ class Recorder:
     has committed, so its C-STORE is acknowledged only for a durable record; meanwhile
     concurrent associations share that commit. Audit-only events (:meth:`audit`) ride
     along with the next batch and are not waited for.
+
+    A record may come with a ``ready`` future that completes when its file is in place in
+    the spool: the transaction's statements run meanwhile (their CPU overlaps the file's
+    fsync), and the commit waits for it. A record whose file failed is left out of the
+    transaction (the rest is written again without it) and its :meth:`record` raises.
 
     A transaction costs about the same for one instance as for eight, so a handler that
     will record soon (its file is being synced) says so with :meth:`expect`; a batch
@@ -311,23 +339,27 @@ class Recorder:
 
     def record(
         self, instance: InstanceRecord, events: Sequence[EventRecord] = (), *, timeout: float = 60,
-        expected: bool = False,
+        expected: bool = False, ready: Future[Any] | None = None,
     ) -> bool:
         """Durably record one instance (and its events); True if it was new.
 
-        ``expected``: this record was announced with :meth:`expect`.
+        ``expected``: this record was announced with :meth:`expect`. ``ready``: the
+        transaction commits only once this future is done (the instance's file is in
+        place); if it fails, or is not done within ``timeout``, nothing of this record is
+        written.
 
         Raises
         ------
         DatabaseError
-            If the transaction failed or did not finish within ``timeout``.
+            If the transaction failed or did not finish within ``timeout``, or ``ready``
+            failed.
         """
         if expected:
             self.unexpect()
         if self._closed:
             raise DatabaseError("recorder is closed")
         fut: Future[bool] = Future()
-        self._queue.put(_Item(instance, tuple(events), fut))
+        self._queue.put(_Item(instance, tuple(events), fut, ready, timeout))
         try:
             return fut.result(timeout=timeout)
         except TimeoutError as exc:
@@ -345,6 +377,9 @@ class Recorder:
         self._closed = True
         self._queue.put(None)
         self._thread.join(timeout)
+        close = getattr(self._write, "close", None)
+        if close is not None and not self._thread.is_alive():
+            close()  # e.g. InstanceWriter's connection
 
     def _run(self) -> None:
         stop = False
@@ -381,19 +416,46 @@ class Recorder:
             self._flush(items)
 
     def _flush(self, items: list[_Item]) -> None:
-        waiting = [it for it in items if it.instance is not None]
-        instances = [it.instance for it in waiting if it.instance is not None]
-        events = [ev for it in items for ev in it.events]
-        try:
-            results = self._write(instances, events)
-        except Exception as exc:
-            err = exc if isinstance(exc, DatabaseError) else DatabaseError(str(exc))
-            if not waiting:
-                log.warning("could not record %d audit events: %s", len(events), err)
-            for it in waiting:
+        while True:
+            waiting = [it for it in items if it.instance is not None]
+            instances = [it.instance for it in waiting if it.instance is not None]
+            events = [ev for it in items for ev in it.events]
+            pending = [it for it in waiting if it.ready is not None]
+            try:
+                results = self._write(instances, events,
+                                      partial(_await_ready, pending) if pending else None)
+            except _NotReady as exc:
+                failed = {id(it) for it, _ in exc.failed}
+                for it, why in exc.failed:
+                    assert it.future is not None
+                    it.future.set_exception(DatabaseError(f"not recorded, its file was not "
+                                                          f"stored: {why}"))
+                items = [it for it in items if id(it) not in failed]
+                continue  # the others again, without the failed ones
+            except Exception as exc:
+                err = exc if isinstance(exc, DatabaseError) else DatabaseError(str(exc))
+                if not waiting:
+                    log.warning("could not record %d audit events: %s", len(events), err)
+                for it in waiting:
+                    assert it.future is not None
+                    it.future.set_exception(err)
+                return
+            for it, is_new in zip(waiting, results, strict=True):
                 assert it.future is not None
-                it.future.set_exception(err)
+                it.future.set_result(is_new)
             return
-        for it, is_new in zip(waiting, results, strict=True):
-            assert it.future is not None
-            it.future.set_result(is_new)
+
+
+def _await_ready(items: Sequence[_Item]) -> None:
+    """``before_commit`` of a batch: every record's file is in place, or :class:`_NotReady`."""
+    failed: list[tuple[_Item, BaseException]] = []
+    for it in items:
+        assert it.ready is not None
+        try:
+            it.ready.result(timeout=it.timeout)
+        except TimeoutError:
+            failed.append((it, TimeoutError(f"not in place within {it.timeout:g} s")))
+        except Exception as exc:
+            failed.append((it, exc))
+    if failed:
+        raise _NotReady(failed)

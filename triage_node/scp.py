@@ -56,11 +56,11 @@ from pynetdicom.transport import (
     ThreadedAssociationServer,
 )
 
-from triage_node import store
+from triage_node import header, store
 from triage_node.config import Config
 from triage_node.domain import EventKind, EventRecord, utcnow
 from triage_node.errors import DatabaseError, InvalidDatasetError, SpoolError
-from triage_node.ingest import Recorder, instance_record, read_header
+from triage_node.ingest import Header, Recorder, instance_record, read_header
 from triage_node.logs import setup_logging
 from triage_node.spool import Spool
 from triage_node.ulserver import NativeServer, ServerSettings, StoreRequest
@@ -367,8 +367,8 @@ class StorageSCP:
         if self.closing:
             return refuse(STATUS_SHUTTING_DOWN, "node shutting down", rq_uid)
         tmp = rq.path
-        # The file's fsync runs while its header is parsed and checked (nothing is placed
-        # or recorded before it returns).
+        # The file's fsync runs while its header is parsed and checked and its record's
+        # statements run (nothing is placed, nor committed, before it returns).
         synced = self._io.submit(self.spool.sync, tmp)
         self.recorder.expect()  # concurrent associations' commits may wait for this one
         announced = [True]
@@ -381,13 +381,29 @@ class StorageSCP:
                 synced.result()
         return status
 
+    def _land(self, synced: Future[None], tmp: Path, relpath: str, placed: Future[Path]) -> None:
+        """In an I/O thread: once the file's data is on disk it takes its name (``placed``
+        completes), then the folder is synced. Raises SpoolError."""
+        try:
+            synced.result()  # the file's data is on disk before it takes its name
+            final = self.spool.place(tmp, relpath)
+        except BaseException as exc:
+            placed.set_exception(exc)
+            raise
+        placed.set_result(final)
+        self.spool.sync_dir(final.parent, relpath)
+
     def _check_and_record(self, rq: StoreRequest, refuse: Callable[[int, str, str], int],
                           synced: Future[None], announced: list[bool]) -> int:
         rq_class, rq_uid, tmp = rq.sop_class_uid, rq.sop_instance_uid, rq.path
-        try:
-            ds = read_header(tmp, rq.head)
-        except InvalidDatasetError as exc:
-            return refuse(STATUS_CANNOT_PARSE, str(exc), rq_uid)
+        # The fields the database needs straight from the received bytes where the encoding
+        # is a common one; pydicom reads (and judges) anything else.
+        ds: Header | None = header.parse(rq.head, rq.transfer_syntax) if rq.head else None
+        if ds is None:
+            try:
+                ds = read_header(tmp, rq.head)
+            except InvalidDatasetError as exc:
+                return refuse(STATUS_CANNOT_PARSE, str(exc), rq_uid)
 
         sop_class = str(ds.get("SOPClassUID", "") or "")
         if sop_class and sop_class != rq_class:
@@ -418,8 +434,6 @@ class StorageSCP:
                 calling_ae=rq.calling_ae,
                 received_at=utcnow(),
             )
-            synced.result()  # the file's data is on disk ...
-            final = self.spool.place(tmp, relpath)  # ... before it takes its name
         except (SpoolError, OSError) as exc:
             return refuse(STATUS_OUT_OF_RESOURCES, str(exc), rq_uid)
 
@@ -429,19 +443,23 @@ class StorageSCP:
                             study_instance_uid=record.study_instance_uid,
                             series_instance_uid=record.series_instance_uid,
                             sop_instance_uid=record.sop_instance_uid)
-        # The rename becomes durable (directory fsync) while the record commits; success
-        # is answered only once both are done.
-        dir_synced = self._io.submit(self.spool.sync_dir, final.parent, relpath)
+        # Three things overlap: the file lands (its fsync, then the rename, then the folder's
+        # fsync) while the record's statements run; the record commits only once the file
+        # has its name; success is answered once both are durable.
+        placed: Future[Path] = Future()
+        landed = self._io.submit(self._land, synced, tmp, relpath, placed)
         announced[0] = False
         try:
             is_new = self.recorder.record(record, (audit,), timeout=self.config.dicom.dimse_timeout,
-                                          expected=True)
+                                          expected=True, ready=placed)
         except DatabaseError as exc:
             with contextlib.suppress(Exception):
-                dir_synced.result()
+                landed.result()
+            if placed.done() and placed.exception() is not None:
+                return refuse(STATUS_OUT_OF_RESOURCES, str(placed.exception()), rq_uid)
             return refuse(STATUS_DB_UNAVAILABLE, f"not recorded: {exc}", rq_uid)
         try:
-            dir_synced.result()
+            landed.result()
         except SpoolError as exc:
             return refuse(STATUS_OUT_OF_RESOURCES, str(exc), rq_uid)
 
@@ -574,7 +592,7 @@ def serve_scp(config: Config, *, host: str | None = None, port: int | None = Non
     spool.prepare()
     engine = store.make_engine(config.database.url)
     factory = store.make_session_factory(engine)
-    recorder = Recorder(partial(store.record_batch, factory))
+    recorder = Recorder(store.InstanceWriter(factory))
     scp = StorageSCP(config, spool, recorder, on_release=partial(store.mark_release_hint, factory))
     address = (host if host is not None else config.dicom.host,
                port if port is not None else config.dicom.port)

@@ -38,6 +38,7 @@ from triage_node.store.predictions import (
     slice_predictions,
 )
 from triage_node.store.repository import (
+    InstanceWriter,
     claim_series,
     complete_series,
     count_instances,
@@ -71,6 +72,7 @@ from triage_node.store.worklist import (
 )
 
 __all__ = [
+    "InstanceWriter",
     "add_document",
     "alembic_config",
     "beat",
