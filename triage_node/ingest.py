@@ -354,14 +354,39 @@ class Recorder:
             If the transaction failed or did not finish within ``timeout``, or ``ready``
             failed.
         """
+        return self.wait(self.submit(instance, events, timeout=timeout, expected=expected,
+                                     ready=ready), timeout)
+
+    def submit(
+        self, instance: InstanceRecord, events: Sequence[EventRecord] = (), *, timeout: float = 60,
+        expected: bool = False, ready: Future[Any] | None = None,
+    ) -> Future[bool]:
+        """:meth:`record` without waiting: collect the outcome with :meth:`wait`.
+
+        Raises
+        ------
+        DatabaseError
+            If the recorder is closed.
+        """
         if expected:
             self.unexpect()
         if self._closed:
             raise DatabaseError("recorder is closed")
         fut: Future[bool] = Future()
         self._queue.put(_Item(instance, tuple(events), fut, ready, timeout))
+        return fut
+
+    @staticmethod
+    def wait(recorded: Future[bool], timeout: float = 60) -> bool:
+        """The outcome of :meth:`submit`: True if the instance was new.
+
+        Raises
+        ------
+        DatabaseError
+            If the transaction failed or did not finish within ``timeout``.
+        """
         try:
-            return fut.result(timeout=timeout)
+            return recorded.result(timeout=timeout)
         except TimeoutError as exc:
             raise DatabaseError(f"database write did not complete within {timeout:g} s") from exc
 

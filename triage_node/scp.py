@@ -38,7 +38,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -223,8 +223,6 @@ class StorageSCP:
         self._stats: dict[int, _AssocStats] = {}
         self._inflight = 0
         self._cond = threading.Condition()
-        #: fsyncs run here, beside the work they overlap with
-        self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
         #: set on SIGTERM: new associations are rejected, open ones may finish
         self.draining = False
         #: set when the grace is over: stores not yet started are refused, then abort
@@ -366,35 +364,16 @@ class StorageSCP:
         refuse = partial(self._refuse, rq.assoc_id, rq.calling_ae, rq.address)
         if self.closing:
             return refuse(STATUS_SHUTTING_DOWN, "node shutting down", rq_uid)
-        tmp = rq.path
-        # The file's fsync runs while its header is parsed and checked and its record's
-        # statements run (nothing is placed, nor committed, before it returns).
-        synced = self._io.submit(self.spool.sync, tmp)
         self.recorder.expect()  # concurrent associations' commits may wait for this one
         announced = [True]
         try:
-            status = self._check_and_record(rq, refuse, synced, announced)
+            return self._check_and_record(rq, refuse, announced)
         finally:
             if announced[0]:
                 self.recorder.unexpect()
-            with contextlib.suppress(Exception):
-                synced.result()
-        return status
-
-    def _land(self, synced: Future[None], tmp: Path, relpath: str, placed: Future[Path]) -> None:
-        """In an I/O thread: once the file's data is on disk it takes its name (``placed``
-        completes), then the folder is synced. Raises SpoolError."""
-        try:
-            synced.result()  # the file's data is on disk before it takes its name
-            final = self.spool.place(tmp, relpath)
-        except BaseException as exc:
-            placed.set_exception(exc)
-            raise
-        placed.set_result(final)
-        self.spool.sync_dir(final.parent, relpath)
 
     def _check_and_record(self, rq: StoreRequest, refuse: Callable[[int, str, str], int],
-                          synced: Future[None], announced: list[bool]) -> int:
+                          announced: list[bool]) -> int:
         rq_class, rq_uid, tmp = rq.sop_class_uid, rq.sop_instance_uid, rq.path
         # The fields the database needs straight from the received bytes where the encoding
         # is a common one; pydicom reads (and judges) anything else.
@@ -443,25 +422,36 @@ class StorageSCP:
                             study_instance_uid=record.study_instance_uid,
                             series_instance_uid=record.series_instance_uid,
                             sop_instance_uid=record.sop_instance_uid)
-        # Three things overlap: the file lands (its fsync, then the rename, then the folder's
-        # fsync) while the record's statements run; the record commits only once the file
-        # has its name; success is answered once both are durable.
+        # The record's statements run in the recorder's thread while this one makes the file
+        # durable: its fsync, then the rename (``placed``: only now may the record commit),
+        # then the folder's fsync while the record commits. Success once both are durable.
         placed: Future[Path] = Future()
-        landed = self._io.submit(self._land, synced, tmp, relpath, placed)
         announced[0] = False
         try:
-            is_new = self.recorder.record(record, (audit,), timeout=self.config.dicom.dimse_timeout,
-                                          expected=True, ready=placed)
+            recorded = self.recorder.submit(record, (audit,), expected=True, ready=placed,
+                                            timeout=self.config.dicom.dimse_timeout)
         except DatabaseError as exc:
-            with contextlib.suppress(Exception):
-                landed.result()
-            if placed.done() and placed.exception() is not None:
-                return refuse(STATUS_OUT_OF_RESOURCES, str(placed.exception()), rq_uid)
             return refuse(STATUS_DB_UNAVAILABLE, f"not recorded: {exc}", rq_uid)
         try:
-            landed.result()
+            self.spool.sync(tmp)  # the file's data is on disk before it takes its name
+            final = self.spool.place(tmp, relpath)
         except SpoolError as exc:
+            placed.set_exception(exc)  # the record is left out of its transaction
+            with contextlib.suppress(DatabaseError):
+                self.recorder.wait(recorded, self.config.dicom.dimse_timeout)
             return refuse(STATUS_OUT_OF_RESOURCES, str(exc), rq_uid)
+        placed.set_result(final)
+        dir_error: SpoolError | None = None
+        try:
+            self.spool.sync_dir(final.parent, relpath)
+        except SpoolError as exc:
+            dir_error = exc
+        try:
+            is_new = self.recorder.wait(recorded, self.config.dicom.dimse_timeout)
+        except DatabaseError as exc:
+            return refuse(STATUS_DB_UNAVAILABLE, f"not recorded: {exc}", rq_uid)
+        if dir_error is not None:
+            return refuse(STATUS_OUT_OF_RESOURCES, str(dir_error), rq_uid)
 
         stats = self._stats.get(rq.assoc_id)
         if stats:
@@ -484,10 +474,6 @@ class StorageSCP:
                     return False
                 self._cond.wait(left)
         return True
-
-    def close(self) -> None:
-        """Let the fsync threads end once idle (after :meth:`wait_idle`)."""
-        self._io.shutdown(wait=False)
 
 
 def build_ae(config: Config, scp: StorageSCP) -> tuple[AE, list[Any]]:
@@ -561,7 +547,6 @@ class RunningSCP:
         if not self.scp.wait_idle(timeout=timeout):
             log.error("C-STORE handlers still running at exit")
         self.server.wait_closed(timeout=5.0)
-        self.scp.close()
         self.recorder.close()
         self.engine.dispose()
 
