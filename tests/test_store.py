@@ -893,3 +893,30 @@ def test_before_commit_failure_records_nothing(
     assert count_instances(session_factory) == 1
     assert list_events(session_factory) == []
     assert write([instance("6.2")], [], lambda: None) == [True]
+
+
+def test_instance_writers_take_turns_on_sqlite(sqlite_url: str, tmp_path: Path) -> None:
+    """SQLite writers queue on a lock file (no busy-handler sleeps); a writer waits there."""
+    import fcntl
+
+    upgrade(sqlite_url)
+    engine = make_engine(sqlite_url)
+    try:
+        write = InstanceWriter(make_session_factory(engine))
+        write([instance("8.1")])
+        lock = Path(sqlite_url.removeprefix("sqlite:///") + "-writers.lock")
+        assert lock.exists()
+        fd = os.open(lock, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another process's turn
+        done = threading.Event()
+        thread = threading.Thread(target=lambda: (write([instance("8.2")]), done.set()))
+        thread.start()
+        assert not done.wait(0.5), "the writer waits for its turn"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        assert done.wait(10)
+        thread.join()
+        os.close(fd)
+        write.close()
+        assert count_instances(make_session_factory(engine)) == 2
+    finally:
+        engine.dispose()

@@ -179,7 +179,7 @@ def _create_engine(url: URL, **kwargs: Any) -> Engine:
     return engine
 
 
-def _sqlite_file(url: URL) -> Path | None:
+def sqlite_file(url: URL) -> Path | None:
     """The file a SQLite URL points at, or ``None`` for in-memory databases."""
     database = url.database or ""
     if database in ("", ":memory:") or url.query.get("mode") == "memory":
@@ -253,7 +253,7 @@ def make_engine(url: str) -> Engine:
     with database_errors(parsed, "create the engine"):
         if parsed.get_backend_name() == "sqlite":
             engine = _create_engine(parsed)
-            path = _sqlite_file(parsed)
+            path = sqlite_file(parsed)
             if path is not None:
                 try:
                     path.parent.mkdir(parents=True, exist_ok=True)

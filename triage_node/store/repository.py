@@ -18,7 +18,9 @@ a writer.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import hashlib
+import os
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -40,7 +42,8 @@ from triage_node.domain import (
     SeriesSummary,
     utcnow,
 )
-from triage_node.store.db import SQLITE_BEGIN_OPTION, database_errors
+from triage_node.errors import DatabaseError
+from triage_node.store.db import SQLITE_BEGIN_OPTION, database_errors, sqlite_file
 from triage_node.store.models import (
     UID_LENGTH,
     Event,
@@ -567,6 +570,11 @@ class InstanceWriter:
     :func:`record_batch`. Not thread-safe: one writer per thread. It keeps one connection
     checked out between batches (no pool round trip per slice), and drops it after any
     error, so an outage ends with a fresh connection.
+
+    On a SQLite file, writers (the node's receiving processes) take turns through an
+    exclusive ``flock`` of ``<database>-writers.lock`` around each transaction: a writer
+    waiting there wakes the moment the other commits, where SQLite's busy handler would
+    sleep 1 to 100 ms between tries (its transaction waits for files to be fsynced).
     """
 
     #: Series ids remembered at most (a scanner sends a few series at a time).
@@ -578,6 +586,9 @@ class InstanceWriter:
         self._pg = self._engine.dialect.name == "postgresql"
         self._series_ids: dict[str, int] = {}
         self._conn: sa.Connection | None = None
+        database = sqlite_file(self._engine.url) if not self._pg else None
+        self._lock_path = database.with_name(database.name + "-writers.lock") if database else None
+        self._lock_fd: int | None = None
         insert = postgresql.insert if self._pg else sqlite.insert
         c = _SERIES.c
         first, last = sa.bindparam("first", type_=UTCDateTime()), sa.bindparam(
@@ -610,6 +621,32 @@ class InstanceWriter:
         instances: Sequence[InstanceRecord],
         events: Sequence[EventRecord] = (),
         before_commit: Callable[[], None] | None = None,
+    ) -> list[bool]:
+        with self._turn():
+            return self._write(instances, events, before_commit)
+
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        """This process's turn to write (SQLite files only; see the class docstring)."""
+        if self._lock_path is None:
+            yield
+            return
+        if self._lock_fd is None:
+            try:
+                self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as error:
+                raise DatabaseError(f"cannot open {self._lock_path}: {error}") from error
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _write(
+        self,
+        instances: Sequence[InstanceRecord],
+        events: Sequence[EventRecord],
+        before_commit: Callable[[], None] | None,
     ) -> list[bool]:
         uids = [r.series_instance_uid for r in instances]
         if all(u in self._series_ids for u in uids) and len(
@@ -645,10 +682,13 @@ class InstanceWriter:
             raise
 
     def close(self) -> None:
-        """Give the connection back to the pool."""
+        """Give the connection back to the pool; close the lock file."""
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _fast_in(
         self,
