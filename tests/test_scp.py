@@ -78,6 +78,9 @@ def test_series_arrives_complete_and_equal(tmp_path: Path, processes: int) -> No
         assert rec.calling_ae == "STORESCU"
         assert (node.spool / rec.file_path).is_file()
         assert rec.image_position is not None and rec.rows == 512
+        for uid, path in by_uid.items():  # the recorded size is the stored file's
+            got = store.get_instance(sessions, uid)
+            assert got is not None and got.file_size == path.stat().st_size
         # `triage-node series --json` shows the same
         listing = subprocess.run(
             [

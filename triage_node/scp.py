@@ -403,7 +403,7 @@ class StorageSCP:
         relpath = self.spool.relpath_for(study_uid, series_uid, sop_uid)
         try:
             self.spool.check_space()
-            size = tmp.stat().st_size
+            size = rq.size if rq.size >= 0 else tmp.stat().st_size
             record = instance_record(
                 ds,
                 sop_class_uid=rq_class,

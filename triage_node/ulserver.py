@@ -104,6 +104,8 @@ class StoreRequest:
     path: Path
     #: the file's first bytes (File Meta and the start of the dataset), if at hand
     head: bytes = b""
+    #: the file's length in bytes, if known (else it is looked up)
+    size: int = -1
 
 
 class AssociationHandler(Protocol):
@@ -573,6 +575,7 @@ class _Connection:
                         self._head += data[:_HEAD_BYTES - len(self._head)]
                     try:
                         self._file.write(data)
+                        self._size += len(data)
                     except OSError as exc:  # disk full: keep reading, answer the failure later
                         self._sink_reason = f"cannot write the received data: {exc}"
                         self._discard_partial()
@@ -612,6 +615,7 @@ class _Connection:
                 meta = file_meta_bytes(sop_class, sop_instance, self._contexts[ctx][1])
                 self._file, self._tmp = self.server.open_incoming()
                 self._file.write(meta)
+                self._size = len(meta)
                 self._head = bytearray(meta)
                 self._sink = False
             except Exception as exc:  # spool unwritable: answered as out of resources
@@ -662,7 +666,7 @@ class _Connection:
                 self.assoc_id, self.ae, self.address, sop_instance,
                 self._sink_reason or "could not write the received data")
         request = StoreRequest(self.assoc_id, self.ae, self.address, sop_class, sop_instance,
-                               self._contexts[self._ctx][1], tmp, bytes(self._head))
+                               self._contexts[self._ctx][1], tmp, bytes(self._head), self._size)
         try:
             return self.server.handler.store(request)
         except Exception:
