@@ -73,6 +73,7 @@ class Spool:
 
     def __init__(self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0) -> None:
         self.root = Path(root)
+        self._resolved_root: Path | None = None
         self.incoming = self.root / INCOMING
         self.fsync = fsync
         self.min_free_bytes = min_free_bytes
@@ -102,8 +103,9 @@ class Spool:
     def path(self, relpath: str) -> Path:
         """Absolute path of ``relpath``; refuses anything that would leave the root."""
         full = (self.root / relpath).resolve()
-        root = self.root.resolve()
-        if root not in full.parents:
+        if self._resolved_root is None:
+            self._resolved_root = self.root.resolve()
+        if self._resolved_root not in full.parents:
             raise SpoolError(f"path {relpath!r} leaves the spool")
         return full
 
