@@ -2,7 +2,10 @@
 
 :func:`evaluate` preprocesses the data with the artifact's own preprocessing (through the
 same slice cache as training), predicts every slice, scores series as the worker does
-(maximum over slices) and writes to ``out_dir``:
+(maximum over slices) and writes to ``out_dir``. The data are a CSV data set, the
+radiologists' verdicts in a node's database (``from_store``: refuted series are slice-level
+negatives, confirmed ones count at the series level only, see :mod:`train.feedback`), or
+both; slice-level figures use strongly labelled slices only.
 
 ``metrics.json``
     One flat object, every figure keyed ``<level>.<label>.<metric>`` or
@@ -19,6 +22,7 @@ same slice cache as training), predicts every slice, scores series as the worker
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import html
 import json
 import logging
@@ -32,12 +36,21 @@ from numpy.typing import NDArray
 
 from train.data import (
     SliceCache,
-    cached_records,
+    SliceRecord,
     describe_records,
     load_records,
     series_groups,
 )
-from train.loop import SliceDataset, predict, series_scores
+from train.feedback import (
+    Bag,
+    bag_records,
+    cached_store,
+    describe_bags,
+    load_store_data,
+    public_summary,
+    without_series,
+)
+from train.loop import LabelledData
 from train.metrics import confusion, log_loss, roc_auc, roc_curve, weighted_log_loss
 from triage_node.domain import LABELS
 from triage_node.errors import ArtifactError
@@ -286,10 +299,13 @@ Positive means probability &ge; threshold.</p>
 
 def evaluate(
     model: Path,
-    data: Path,
-    labels: Path,
+    data: Path | None,
+    labels: Path | None,
     out_dir: Path,
     *,
+    from_store: str | None = None,
+    spool: Path | None = None,
+    since: dt.datetime | None = None,
     label_format: str = "auto",
     cache_dir: Path | None = None,
     index: Path | None = None,
@@ -305,9 +321,16 @@ def evaluate(
     model : Path
         The artifact.
     data, labels, label_format
-        As for :func:`train.data.load_records`.
+        As for :func:`train.data.load_records`; both None to evaluate on the store only.
     out_dir : Path
         Where ``metrics.json``, the plots and ``report.html`` go.
+    from_store : str, optional
+        Database URL of a node whose radiologist verdicts are evaluated too
+        (:mod:`train.feedback`).
+    spool : Path, optional
+        That node's spool; required with ``from_store``.
+    since : datetime, optional
+        Only series whose newest verdict is at least this recent.
     cache_dir : Path, optional
         Slice cache (default ``out_dir / "cache"``); shareable with training's when the
         preprocessing is the same.
@@ -336,6 +359,12 @@ def evaluate(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if (data is None) != (labels is None):
+        raise ValueError("data and labels go together: give both or neither")
+    if data is None and from_store is None:
+        raise ValueError("nothing to evaluate: give data and labels, or from_store")
+    if from_store is not None and spool is None:
+        raise ValueError("from_store needs spool (the node's [storage] path)")
     target = resolve_device(device)
     meta = read_meta(Path(model))  # the preprocessing, without loading the network yet
     try:
@@ -343,21 +372,45 @@ def evaluate(
     except ValueError as exc:
         raise ArtifactError(f"{model}: preprocessing settings unusable: {exc}") from exc
     cache_path = cache_dir or out_dir / "cache"
-    records = load_records(data, labels, index or cache_path / "index.csv",
-                           label_format=label_format, workers=workers, progress=progress)
+    records: list[SliceRecord] = []
+    if data is not None and labels is not None:
+        records = load_records(data, labels, index or cache_path / "index.csv",
+                               label_format=label_format, workers=workers, progress=progress)
     cache = SliceCache(cache_path, spec)
+    store = None
+    bags: list[Bag] = []
+    if from_store is not None:
+        assert spool is not None
+        store = without_series(
+            load_store_data(from_store, spool, cache_path / "store-index.csv", since=since,
+                            workers=workers, progress=progress), records)
     groups = series_groups(records)
+    if store is not None:
+        groups.update(series_groups([*store.negatives, *bag_records(store.bags)]))
     cache.build(groups, workers=workers, progress=progress)
+    if store is not None:
+        store = cached_store(cache, store)
+        records = [*records, *store.negatives]
+        bags = store.bags
+    if not records and not bags:
+        raise ValueError("no labelled series to evaluate (every slice missing or unreadable)")
     loaded = load_artifact(Path(model), target)
-    dataset = SliceDataset(cache, cached_records(cache, groups))
-    slice_probs = predict(loaded.network, dataset, device=loaded.device, batch_size=batch_size,
-                          workers=workers, progress=progress, desc="evaluate")
-    slice_labels = dataset.labels()
-    _, series_probs, series_labels = series_scores(dataset.items, slice_probs, slice_labels)
-    probs = {"slice": slice_probs, "series": series_probs}
-    truth = {"slice": slice_labels, "series": series_labels}
+    labelled = LabelledData.build(cache, records, bags)
+    scores = labelled.score(loaded.network, device=loaded.device, batch_size=batch_size,
+                            workers=workers, progress=progress, desc="evaluate")
+    probs = {"series": scores.series_probs}
+    truth = {"series": scores.series_labels}
+    if scores.has_slices:
+        probs = {"slice": scores.slice_probs, **probs}
+        truth = {"slice": scores.slice_labels, **truth}
     metrics = compute_metrics(probs, truth, loaded.meta.thresholds)
+    summary: dict[str, Any] = {"data": str(data) if data else None,
+                               "labels": str(labels) if labels else None,
+                               **describe_records(labelled.slices.items)}
+    if store is not None:
+        summary["store"] = public_summary(store)
+        summary["store_bags"] = describe_bags(bags)
+        metrics["series.bags"] = len(bags)
     write_report(out_dir, metrics, probs, truth, meta=loaded.meta, model_path=Path(model),
-                 data_summary={"data": str(data), "labels": str(labels),
-                               **describe_records(dataset.items)})
+                 data_summary=summary)
     return metrics

@@ -155,14 +155,31 @@ def _add_train_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
                         common: argparse.ArgumentParser) -> None:
     """``train`` and ``evaluate`` (their code lives in the top-level ``train`` package)."""
     def data_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--data", required=True, type=Path, metavar="DIR",
+        p.add_argument("--data", type=Path, metavar="DIR",
                        help="folder of the DICOM slices, searched recursively (RSNA: the "
                             "stage_2_train folder of ID_<id>.dcm; generic CSV: a folder holding "
-                            "every file it lists, relative paths being relative to the CSV)")
-        p.add_argument("--labels", required=True, type=Path, metavar="CSV",
+                            "every file it lists, relative paths being relative to the CSV); "
+                            "required with --labels, optional with --from-store")
+        p.add_argument("--labels", type=Path, metavar="CSV",
                        help="RSNA stage_2_train.csv (ID_<id>_<label>,Label) or a generic CSV "
                             "with a 'path' column and the columns any, epidural, "
                             "intraparenchymal, intraventricular, subarachnoid, subdural")
+        p.add_argument("--from-store", nargs="?", const="", default=None,
+                       metavar="DATABASE_URL",
+                       help="also (or only) use the radiologists' verdicts stored by a node: "
+                            "refuted series as slice-level negatives, confirmed ones as "
+                            "series-level positives (multiple-instance learning); the newest "
+                            "verdict per series counts. Without a URL: the node's own "
+                            "database ([database] url of --config, or "
+                            "$TRIAGE_NODE_DATABASE_URL), which keeps a password off the "
+                            "command line. Read only; never shown with its password")
+        p.add_argument("--spool", type=Path, metavar="DIR",
+                       help="with --from-store: the node's spool, where the stored slices are "
+                            "(default: [storage] path of --config); slices removed by retention "
+                            "are skipped and counted")
+        p.add_argument("--from-store-since", type=_since, default=None, metavar="WHEN",
+                       help="with --from-store: only series whose newest verdict is from WHEN "
+                            "on: an ISO 8601 time (UTC if no zone) or an age such as 90d")
         p.add_argument("--label-format", choices=["auto", "rsna", "generic"], default="auto",
                        help="format of --labels (default: from its header)")
         p.add_argument("--cache-dir", type=Path, metavar="DIR",
@@ -180,12 +197,16 @@ def _add_train_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
     p = sub.add_parser(
         "train", parents=[common], help="train a model artifact on labelled head CT",
-        description="Train the ICH classifier and write a model artifact. Splits by patient "
+        description="Train the ICH classifier and write a model artifact. Data: --data with "
+                    "--labels, --from-store, or both. Splits by patient "
                     "(multilabel-stratified), caches preprocessed slices, trains with AdamW "
                     "(warm-up + cosine), the RSNA weighted log loss and augmentations, keeps a "
                     "checkpoint every epoch in --work-dir (continue with --resume), stops early "
                     "on the validation weighted log loss and stores the threshold of 'any' for "
-                    "--target-sensitivity. The same command and --seed reproduce the model.")
+                    "--target-sensitivity. The same command and --seed reproduce the model. "
+                    "Confirmed series from --from-store are trained with the maximum over "
+                    "their slices, the worker's series score; --resume reuses the store labels "
+                    "frozen in WORK_DIR/store_labels.json.")
     data_options(p)
     p.add_argument("--work-dir", required=True, type=Path, metavar="DIR",
                    help="checkpoint.pt, best.pt, metrics.jsonl (one JSON line per epoch) and "
@@ -226,6 +247,10 @@ def _add_train_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--target-sensitivity", type=float, default=0.95, metavar="S",
                    help="series-level sensitivity of 'any' the stored threshold is chosen for "
                         "on the validation series (default 0.95)")
+    p.add_argument("--bag-max-slices", type=int, default=64, metavar="N",
+                   help="with --from-store: slices of a confirmed series one training step "
+                        "uses (the whole series up to N, else every k-th slice from a random "
+                        "offset, the whole head at a coarser spacing; default 64)")
     p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     p.add_argument("--name", default="triage-node-ich", help="model name in the artifact")
     p.add_argument("--model-version", default="", metavar="V",
@@ -238,7 +263,9 @@ def _add_train_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         "evaluate", parents=[common], help="evaluate a model artifact on labelled head CT",
         description="Predict every labelled slice with the artifact's own preprocessing, score "
                     "series as the worker does (max over slices) and write metrics.json, ROC "
-                    "and calibration PNGs and a self-contained report.html to --out.")
+                    "and calibration PNGs and a self-contained report.html to --out. Data: "
+                    "--data with --labels, --from-store (the radiologists' verdicts: "
+                    "confirmed series count at the series level only), or both.")
     p.add_argument("--model", required=True, type=Path, metavar="FILE", help="model artifact")
     data_options(p)
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="report folder")
@@ -519,14 +546,50 @@ def _cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
+def _data_sources(args: argparse.Namespace, config: Config) -> tuple[str | None, Path | None]:
+    """Check --data/--labels/--from-store; the store's URL and spool (None without it).
+
+    Raises
+    ------
+    ValueError
+        For a combination that names no data or half of a pair.
+    """
+    if (args.data is None) != (args.labels is None):
+        raise ValueError("--data and --labels go together")
+    if args.from_store is None:
+        if args.data is None:
+            raise ValueError("no data: give --data and --labels, or --from-store (or both)")
+        if args.spool is not None or args.from_store_since is not None:
+            raise ValueError("--spool and --from-store-since need --from-store")
+        return None, None
+    return args.from_store or config.database.url, args.spool or config.storage.path
+
+
+def _masked_argv(argv: Sequence[str], url: str | None) -> list[str]:
+    """The command line with the database URL's password hidden (it goes into artifacts)."""
+    from triage_node.logs import redact_url
+
+    if not url:
+        return list(argv)
+    masked = redact_url(url)
+    return [a.replace(url, masked) for a in argv]
+
+
+def _cmd_train(args: argparse.Namespace, argv: Sequence[str], node: Config) -> int:
     import shlex
 
+    try:
+        url, spool = _data_sources(args, node)  # before torch is imported: a quick refusal
+    except ValueError as exc:
+        print(f"triage-node train: {exc}", file=sys.stderr)
+        return 2
     from train.loop import TrainConfig, train
 
     try:
         config = TrainConfig(
-            data=args.data, labels=args.labels, work_dir=args.work_dir, out=args.out,
+            data=args.data, labels=args.labels, from_store=url, spool=spool,
+            from_store_since=args.from_store_since, bag_max_slices=args.bag_max_slices,
+            work_dir=args.work_dir, out=args.out,
             label_format=args.label_format, cache_dir=args.cache_dir, index=args.index,
             architecture=args.architecture, size=args.size, context=args.context,
             **({"windows": tuple(args.windows)} if args.windows else {}),
@@ -537,25 +600,44 @@ def _cmd_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
             target_sensitivity=args.target_sensitivity, workers=args.workers,
             device=args.device, amp=not args.no_amp, name=args.name,
             version=args.model_version, note=args.note, progress=not args.no_progress)
-        result = train(config, resume=args.resume, command=shlex.join(["triage-node", *argv]))
+        result = train(config, resume=args.resume,
+                       command=shlex.join(["triage-node", *_masked_argv(argv, url)]))
     except ValueError as exc:
         print(f"triage-node train: {exc}", file=sys.stderr)
         return 2
     m = result.meta.metrics
+    slice_loss = m["slice.weighted_log_loss"]
     print(f"wrote {result.artifact} (best epoch {result.best_epoch} of {result.epochs_run}"
           + (", stopped early" if result.stopped_early else "") + ")")
-    print(f"validation: slice weighted log loss {m['slice.weighted_log_loss']:.4f}, series AUC "
-          f"(any) {m['series.any.auc']}, threshold {m['series.any.threshold']:.4f} -> series "
-          f"sensitivity {m['series.any.sensitivity']:.3f}, specificity "
-          f"{m['series.any.specificity']}")
+    print("validation: slice weighted log loss "
+          + ("n/a" if slice_loss is None else f"{slice_loss:.4f}")
+          + f", series AUC (any) {m['series.any.auc']}"
+          + (f" ({m['series.bags']} of {m['series.count']} series confirmed by radiologists)"
+             if "series.bags" in m else "")
+          + f", threshold {m['series.any.threshold']:.4f} -> series sensitivity "
+          f"{m['series.any.sensitivity']:.3f}, specificity {m['series.any.specificity']}")
+    sources = result.meta.training.get("sources")
+    if sources and sources.get("store"):
+        st = sources["store"]
+        print(f"store {st['source']}: {st['refuted_series_used']} refuted and "
+              f"{st['confirmed_series_used']} confirmed series used; "
+              f"{st['slices_missing']} slice file(s) missing, "
+              f"{st['slices_unreadable'] + st['slices_undecodable']} unreadable, "
+              f"{st['series_dropped']} series dropped")
     return 0
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
+def _cmd_evaluate(args: argparse.Namespace, node: Config) -> int:
+    try:
+        url, spool = _data_sources(args, node)
+    except ValueError as exc:
+        print(f"triage-node evaluate: {exc}", file=sys.stderr)
+        return 2
     from train.evaluate import evaluate, format_summary
 
     try:
-        metrics = evaluate(args.model, args.data, args.labels, args.out,
+        metrics = evaluate(args.model, args.data, args.labels, args.out, from_store=url,
+                           spool=spool, since=args.from_store_since,
                            label_format=args.label_format, cache_dir=args.cache_dir,
                            index=args.index, workers=args.workers, batch_size=args.batch_size,
                            device=args.device, progress=not args.no_progress)
@@ -607,9 +689,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "model":
             return _cmd_model(args)
         if args.command == "train":
-            return _cmd_train(args, sys.argv[1:] if argv is None else argv)
+            return _cmd_train(args, sys.argv[1:] if argv is None else argv, config)
         if args.command == "evaluate":
-            return _cmd_evaluate(args)
+            return _cmd_evaluate(args, config)
         if args.command == "config":
             print(json.dumps(config.redacted(), indent=2, sort_keys=True))
             return 0
