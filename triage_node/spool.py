@@ -74,6 +74,7 @@ class Spool:
     def __init__(self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0) -> None:
         self.root = Path(root)
         self._resolved_root: Path | None = None
+        self._checked_dirs: dict[str, Path] = {}
         self.incoming = self.root / INCOMING
         self.fsync = fsync
         self.min_free_bytes = min_free_bytes
@@ -107,6 +108,20 @@ class Spool:
             self._resolved_root = self.root.resolve()
         if self._resolved_root not in full.parents:
             raise SpoolError(f"path {relpath!r} leaves the spool")
+        return full
+
+    def _target(self, relpath: str) -> Path:
+        """:meth:`path` for a rename into place: the folder part is resolved and checked
+        once, then remembered, so the slices of a series need no path resolution each
+        (a rename replaces a final symbolic link rather than following it)."""
+        folder, _, name = relpath.rpartition("/")
+        known = self._checked_dirs.get(folder)
+        if known is not None and name not in ("", ".", ".."):
+            return known / name
+        full = self.path(relpath)
+        if len(self._checked_dirs) > 4096:
+            self._checked_dirs.clear()
+        self._checked_dirs[folder] = full.parent
         return full
 
     def free_bytes(self) -> int:
@@ -198,7 +213,7 @@ class Spool:
             On any OS error; ``tmp`` is removed.
         """
         try:
-            final = self.path(relpath)
+            final = self._target(relpath)
             self._ensure_dir(final.parent)
             os.replace(tmp, final)
         except (OSError, SpoolError) as exc:
