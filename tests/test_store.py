@@ -844,25 +844,39 @@ def test_resend_updates_file_facts_only(
     assert got.calling_ae == first.calling_ae, "other facts stay as first recorded"
 
 
-def test_instance_writer_fast_path_statements(session_factory: sessionmaker[Session]) -> None:
-    """Once a series is known, a batch is the instances, one series update and the events."""
+def test_instance_writer_fast_path_statements(
+    session_factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a series is known, a batch is its instances, one series update and the events,
+    run on the driver's cursor."""
+    from triage_node.store import repository
+
     statements: list[str] = []
-    engine = session_factory.kw["bind"]
+    run = repository._Precompiled.run
+
+    def spy(self: Any, cursor: Any, values: dict[str, Any]) -> None:
+        statements.append(self.sql.split(None, 1)[0].upper())
+        run(self, cursor, values)
+
+    monkeypatch.setattr(repository._Precompiled, "run", spy)
     write = InstanceWriter(session_factory)
-
-    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        statements.append(statement.split(None, 1)[0].upper())
-
     write([instance("4.0")])  # first sight of the series: the general path
-    sa.event.listen(engine, "before_cursor_execute", count)
-    try:
-        assert write([instance("4.1"), instance("4.2")], [event()]) == [True, True]
-    finally:
-        sa.event.remove(engine, "before_cursor_execute", count)
-    # (BEGIN IMMEDIATE on SQLite, the series lock on PostgreSQL) + INSERT + UPDATE + INSERT
-    assert statements[-3:] == ["INSERT", "UPDATE", "INSERT"], statements
-    assert len(statements) == 4, statements
+    assert statements == []
+    assert write([instance("4.1"), instance("4.2")], [event()]) == [True, True]
+    pg = session_factory.kw["bind"].dialect.name == "postgresql"
+    assert statements == ["SELECT"] * pg + ["INSERT", "INSERT", "UPDATE", "INSERT"]
     assert count_instances(session_factory) == 3
+    assert write([instance("4.2")]) == [False], "a re-send is no new instance"
+    assert statements[-2:] == ["INSERT", "UPDATE"]  # the insert, then the file facts
+
+
+def test_row_keys_cover_the_rows() -> None:
+    """The fast path's precompiled statements name exactly the columns the rows carry."""
+    from triage_node.store import repository
+
+    row = repository._instance_row(instance("9.1"), 1)
+    assert set(row) == set(repository._INSTANCE_ROW_KEYS)
+    assert set(repository._event_row(event())) == set(repository._EVENT_ROW_KEYS)
 
 
 def test_instance_writer_survives_a_deleted_series(session_factory: sessionmaker[Session]) -> None:
