@@ -81,9 +81,14 @@ def test_embedded_transport_is_the_default(tmp_path: Path) -> None:
 def test_series_left_queued_is_picked_up_by_a_new_worker(tmp_path: Path, redis_url: str) -> None:
     """Decided but never queued (a crash in between): the next worker's assembler re-queues."""
 
+    import datetime as dt
+
+    import sqlalchemy as sa
+
     from triage_node.config import TriageConfig
     from triage_node.domain import utcnow
     from triage_node.series import assemble_due
+    from triage_node.store.models import UTCDateTime
 
     truth = generate_study(tmp_path / "ph", seed=22, n_slices=12, rows=96, cols=96)
     extra = f'[queue]\nbroker_url = "{redis_url}"\n[model]\npath = "{_model(tmp_path)}"\n'
@@ -94,6 +99,13 @@ def test_series_left_queued_is_picked_up_by_a_new_worker(tmp_path: Path, redis_u
         time.sleep(0.2)  # quiet for longer than stable_seconds below: decided now, not later
         decided = assemble_due(factory, TriageConfig(stable_seconds=0.1), now=utcnow())
         assert [d.selected for d in decided] == [True]  # queued in the database, no task sent
+        # ... a minute before this worker starts (a younger decision may be another live
+        # assembler's, which the start-up sweep leaves alone for SWEEP_GRACE_SECONDS).
+        with factory.begin() as session:
+            session.execute(
+                sa.text("UPDATE series SET completed_at = :t").bindparams(
+                    sa.bindparam("t", type_=UTCDateTime())),
+                {"t": utcnow() - dt.timedelta(minutes=1)})
         with (tmp_path / "worker.log").open("wb") as log:
             worker = subprocess.Popen([sys.executable, "-m", "triage_node.cli", "worker",
                                        "--config", str(node.config)],
