@@ -97,9 +97,6 @@ class HeaderFields:
     def get(self, keyword: str, default: Any = None) -> Any:
         return self._values.get(keyword, default)
 
-    def __contains__(self, keyword: str) -> bool:
-        return keyword in self._values
-
     def __repr__(self) -> str:
         return f"HeaderFields({sorted(self._values)})"
 

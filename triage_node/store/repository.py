@@ -599,32 +599,6 @@ class InstanceWriter:
         database = sqlite_file(self._engine.url) if not self._pg else None
         self._lock_path = database.with_name(database.name + "-writers.lock") if database else None
         self._lock_fd: int | None = None
-        insert = postgresql.insert if self._pg else sqlite.insert
-        c = _SERIES.c
-        first, last = sa.bindparam("first", type_=UTCDateTime()), sa.bindparam(
-            "last", type_=UTCDateTime())
-        reopen = sa.bindparam("reopen", type_=sa.Boolean())
-        self._insert = (
-            insert(_INSTANCE)
-            .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-            .returning(_INSTANCE.c.sop_instance_uid)
-        )
-        self._update = (
-            sa.update(_SERIES)
-            .where(c.id == sa.bindparam("sid"))
-            .values(
-                first_received_at=sa.case(
-                    (sa.or_(c.first_received_at.is_(None), c.first_received_at > first), first),
-                    else_=c.first_received_at),
-                last_received_at=sa.case(
-                    (sa.or_(c.last_received_at.is_(None), c.last_received_at < last), last),
-                    else_=c.last_received_at),
-                # _next_series_state, in SQL: a new triageable slice reopens a decided series
-                reason=sa.case((sa.and_(reopen, c.state != SeriesState.RECEIVING.value),
-                                sa.null()), else_=c.reason),
-                state=sa.case((reopen, SeriesState.RECEIVING.value), else_=c.state),
-            )
-        )
 
     def __call__(
         self,
@@ -711,7 +685,7 @@ class InstanceWriter:
         compiled once (:class:`_Precompiled`), go straight to the driver's cursor, which
         saves most of the CPU a slice costs here (the handler threads need the GIL then)."""
         if self._raw is None:
-            self._raw = _RawStatements(self, conn.dialect)
+            self._raw = _RawStatements(conn.dialect)
         raw = self._raw
         ids = self._series_ids
         dbapi = conn.dialect.loaded_dbapi
@@ -787,13 +761,35 @@ class _Precompiled:
 class _RawStatements:
     """The fast path's statements, compiled for one dialect."""
 
-    def __init__(self, writer: InstanceWriter, dialect: sa.Dialect) -> None:
-        instance_keys = list(_INSTANCE_ROW_KEYS)
-        event_keys = list(_EVENT_ROW_KEYS)
-        self.insert = _Precompiled(writer._insert, dialect, instance_keys)
-        self.update = _Precompiled(writer._update, dialect)
+    def __init__(self, dialect: sa.Dialect) -> None:
+        insert = postgresql.insert if dialect.name == "postgresql" else sqlite.insert
+        c = _SERIES.c
+        first, last = sa.bindparam("first", type_=UTCDateTime()), sa.bindparam(
+            "last", type_=UTCDateTime())
+        reopen = sa.bindparam("reopen", type_=sa.Boolean())
+        self.insert = _Precompiled(
+            insert(_INSTANCE)
+            .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+            .returning(_INSTANCE.c.sop_instance_uid),
+            dialect, _INSTANCE_ROW_KEYS)
+        self.update = _Precompiled(
+            sa.update(_SERIES)
+            .where(c.id == sa.bindparam("sid"))
+            .values(
+                first_received_at=sa.case(
+                    (sa.or_(c.first_received_at.is_(None), c.first_received_at > first), first),
+                    else_=c.first_received_at),
+                last_received_at=sa.case(
+                    (sa.or_(c.last_received_at.is_(None), c.last_received_at < last), last),
+                    else_=c.last_received_at),
+                # _next_series_state, in SQL: a new triageable slice reopens a decided series
+                reason=sa.case((sa.and_(reopen, c.state != SeriesState.RECEIVING.value),
+                                sa.null()), else_=c.reason),
+                state=sa.case((reopen, SeriesState.RECEIVING.value), else_=c.state),
+            ),
+            dialect)
         self.refresh = _Precompiled(_REFRESH_FILE_FACTS, dialect)
-        self.event = _Precompiled(sa.insert(_EVENT), dialect, event_keys)
+        self.event = _Precompiled(sa.insert(_EVENT), dialect, _EVENT_ROW_KEYS)
         self.locks = _Precompiled(_SERIES_LOCKS, dialect)
 
 
