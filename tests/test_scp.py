@@ -383,7 +383,7 @@ def _acknowledged(storescu_log: str) -> list[str]:
 @pytest.mark.parametrize("processes", [1, 2])
 def test_sigterm_mid_transfer_loses_nothing_acknowledged(tmp_path: Path, processes: int) -> None:
     sent = make_ct_series(tmp_path / "in", 200)
-    with running_node(tmp_path, processes=processes, extra="shutdown_grace = 0.5") as node:
+    with running_node(tmp_path, processes=processes, extra="shutdown_grace = 0.1") as node:
         sessions = db(node)
         sender = subprocess.Popen(
             [
@@ -415,6 +415,30 @@ def test_sigterm_mid_transfer_loses_nothing_acknowledged(tmp_path: Path, process
         assert same_dataset(dcmread(node.spool / rec.file_path), ds)
     engine.dispose()
     shutil.rmtree(tmp_path / "in")
+
+
+def test_sigterm_while_receivers_start_exits_cleanly(tmp_path: Path) -> None:
+    """SIGTERM as soon as the supervisor has started its receivers, before they listen:
+    nothing was received, so it is a clean stop (exit 0), not a failure."""
+    cfg = nodeproc.write_config(tmp_path / "config.toml", port=nodeproc.free_port(),
+                                spool=tmp_path / "spool",
+                                database_url=f"sqlite:///{tmp_path / 'node.db'}", processes=2)
+    log = tmp_path / "node.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "triage_node.cli", "scp", "--config", str(cfg)],
+            stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while "receiving processes" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def _pg_admin(url: str):

@@ -701,6 +701,10 @@ def run_scp(config: Config, *, on_ready: Callable[[int], None] | None = None,
             log.error("receiver pid %s did not stop; killing it", p.pid)
             p.kill()
             code = 1
+        elif p.exitcode == -signal.SIGTERM:
+            # killed by our SIGTERM before it set its handler: it was still starting and
+            # had received nothing
+            log.info("%s stopped while starting", p.name)
         elif p.exitcode not in (0, None):
             code = 1
     holder.close()

@@ -275,7 +275,10 @@ class _Connection:
             self._buf = bytearray(max(n, 2 * len(self._buf)))
         view = memoryview(self._buf)[:n]
         got = 0
-        self.sock.settimeout(timeout)
+        try:
+            self.sock.settimeout(timeout)
+        except OSError as exc:  # closed under us by abort()
+            raise _Gone(str(exc)) from exc
         while got < n:
             try:
                 k = self.sock.recv_into(view[got:], n - got)
