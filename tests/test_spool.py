@@ -95,3 +95,34 @@ def test_clear_incoming(tmp_path: Path) -> None:
         fh.close()
     assert spool.clear_incoming() == 3
     assert not any(spool.incoming.iterdir())
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_flush_ahead_flushes_a_duplicate_descriptor(tmp_path: Path) -> None:
+    """The head start on a file still being received: flushed through a duplicate that is
+    closed afterwards, the caller's descriptor untouched and still writable."""
+    spool = Spool(tmp_path)
+    spool.prepare()
+    fh, tmp = spool.open_incoming()
+    fh.write(b"a" * 300_000)
+    fh.flush()
+    before = _open_fds()
+    future = spool.flush_ahead(fh.fileno())
+    assert future is not None
+    assert future.result(timeout=30) is None
+    assert _open_fds() == before, "the duplicate descriptor was not closed"
+    fh.write(b"b")
+    fh.close()
+    assert tmp.read_bytes() == b"a" * 300_000 + b"b"
+
+
+def test_flush_ahead_does_nothing_without_fsync_or_descriptor(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, fsync=False)
+    spool.prepare()
+    fh, _tmp = spool.open_incoming()
+    with fh:
+        assert spool.flush_ahead(fh.fileno()) is None
+    assert Spool(tmp_path).flush_ahead(-1) is None  # no descriptor: no error here either

@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from concurrent.futures import Future
 from io import BytesIO
 from pathlib import Path
 
@@ -29,8 +30,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
-from triage_node import store
+from triage_node import scp, store
+from triage_node.config import load_config
 from triage_node.domain import EventKind
+from triage_node.spool import Spool
 from triage_node.ulserver import decode_command, encode_response, file_meta_bytes
 
 pytestmark = pytest.mark.skipif(
@@ -180,6 +183,41 @@ def test_storescu_with_small_pdus(tmp_path: Path, engine: str) -> None:
         out = storescu(node.port, sent, extra=("--max-pdu", "4096"))
         assert out.stderr.count("(Success)") == 3, out.stderr[-2000:]
         assert store.count_instances(db(node)) == 3
+
+
+def test_native_flushes_large_datasets_ahead_and_leaves_no_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process native server, dcmtk storescu as the peer: a 512 KiB slice starts its
+    disk flush while it still arrives (the head start is only that: each stored file is
+    dataset-equal), and neither a partial nor the next instance's prepared file is left in
+    ``.incoming`` once the association is released."""
+    flushed: list[int] = []
+    real = Spool.flush_ahead
+
+    def counting(self: Spool, fd: int) -> Future[None] | None:
+        flushed.append(fd)
+        return real(self, fd)
+
+    monkeypatch.setattr(Spool, "flush_ahead", counting)
+    sent = make_ct_series(tmp_path / "in", 4, rows=512, cols=512)
+    config = load_config(nodeproc.write_config(
+        tmp_path / "config.toml", port=0, spool=tmp_path / "spool",
+        database_url=f"sqlite:///{tmp_path / 'node.db'}", extra='engine = "native"'))
+    scp.prepare(config)
+    running = scp.serve_scp(config, port=0)
+    try:
+        out = storescu(running.port, sent)
+        assert out.stderr.count("(Success)") == 4, out.stderr[-2000:]
+        assert wait_for(lambda: not any(running.scp.spool.incoming.iterdir()))
+    finally:
+        running.stop(5.0)
+    assert len(flushed) >= 4, "no flush-ahead while 512 KiB datasets arrived"
+    sessions = store.make_session_factory(store.make_engine(config.database.url))
+    for p in sent:
+        ds = dcmread(p)
+        rec = store.get_instance(sessions, ds.SOPInstanceUID)
+        assert rec is not None
+        assert dcmread(config.storage.path / rec.file_path) == ds
 
 
 def _store_pdus(path: Path, context_id: int, max_pdu: int) -> list[bytes]:

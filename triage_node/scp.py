@@ -561,7 +561,8 @@ def _native_server(config: Config, scp: StorageSCP, address: tuple[str, int]) ->
     contexts = [build_context(Verification)] + [
         build_context(abstract, syntaxes) for abstract, syntaxes in _storage_contexts()]
     return NativeServer(scp, settings, address, contexts, scp.spool.open_incoming,
-                        scp.spool.discard, ssl_context=server_ssl_context(config))
+                        scp.spool.discard, ssl_context=server_ssl_context(config),
+                        flush_ahead=scp.spool.flush_ahead)
 
 
 def serve_scp(config: Config, *, host: str | None = None, port: int | None = None) -> RunningSCP:

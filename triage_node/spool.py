@@ -7,6 +7,11 @@ one file system, so moving a finished file into place is an atomic ``rename``.
 Durability protocol for one instance (the SCP acknowledges only after it returns):
 ``fsync(file)`` -> ``rename(tmp, final)`` -> ``fsync(final's directory)``, plus an
 ``fsync`` of each parent directory created on the way.
+
+While a large file is still arriving, :meth:`Spool.flush_ahead` starts flushing what has
+been written so far (``fdatasync`` of a duplicate descriptor, in a small thread pool), so
+the closing ``fsync`` has only the tail left to write. It is an optimisation only: the
+protocol above is what makes a file durable.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import os
 import re
 import shutil
 import tempfile
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -47,6 +54,21 @@ def safe_component(value: str) -> str:
     digest = hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()[:16]
     cleaned = _SAFE.sub("_", value).lstrip(".")[:_MAX_COMPONENT - 17]
     return f"{cleaned}-{digest}" if cleaned else f"x-{digest}"
+
+
+#: threads that flush files still being received (:meth:`Spool.flush_ahead`), per process
+_FLUSH_THREADS = 4
+_flush_pool: ThreadPoolExecutor | None = None
+_flush_pool_lock = threading.Lock()
+
+
+def _fdatasync_and_close(fd: int) -> None:
+    try:
+        os.fdatasync(fd)
+    except OSError:
+        pass  # only a head start: the closing fsync reports what is wrong
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -144,6 +166,33 @@ class Spool:
         except OSError as exc:
             raise SpoolError(f"cannot create a file in {self.incoming}: {exc}") from exc
         return os.fdopen(fd, "wb"), Path(name)
+
+    def flush_ahead(self, fd: int) -> Future[None] | None:
+        """Start writing to disk what a file being received holds so far; returns at once.
+
+        ``fd`` is the receiving file's descriptor, its user-space buffer already flushed. A
+        duplicate is flushed (``fdatasync``) and closed in a worker thread, so the caller may
+        go on writing and close its own descriptor whenever it likes. The later
+        :meth:`sync` then waits only for what arrived since. None when fsync is off or no
+        descriptor is left; errors are left for :meth:`sync` to report.
+        """
+        if not self.fsync:
+            return None
+        global _flush_pool
+        if _flush_pool is None:
+            with _flush_pool_lock:
+                if _flush_pool is None:
+                    _flush_pool = ThreadPoolExecutor(_FLUSH_THREADS,
+                                                     thread_name_prefix="flush-ahead")
+        try:
+            dup = os.dup(fd)
+        except OSError:
+            return None
+        try:
+            return _flush_pool.submit(_fdatasync_and_close, dup)
+        except RuntimeError:  # the interpreter is shutting down
+            os.close(dup)
+            return None
 
     def _ensure_dir(self, directory: Path) -> None:
         if directory in self._known_dirs:

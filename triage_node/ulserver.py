@@ -39,6 +39,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -84,6 +85,8 @@ _ELEMENT = struct.Struct("<HHL")
 _PDU_CEILING = 64 * 2**20
 #: bytes of each received file kept in memory for the header parse
 _HEAD_BYTES = 64 * 1024
+#: while a dataset arrives, start flushing it to disk every this many bytes (if enabled)
+FLUSH_AHEAD_BYTES = 128 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,6 +383,7 @@ class _Connection:
         finally:
             self.close()
             self._discard_partial()
+            self._discard_spare()
             if self.established:
                 try:
                     handler.closed(self.assoc_id, self.ae, self.address, released=released)
@@ -506,6 +510,10 @@ class _Connection:
     _sink: bool
     _sink_reason: str = ""
     _head: bytearray
+    _unflushed: int = 0
+    _flushing: Future[None] | None = None
+    #: the next C-STORE's ``.incoming`` file, made ahead (:meth:`_make_spare`)
+    _spare: tuple[BinaryIO, Path] | None = None
 
     def _discard_partial(self) -> None:
         f = getattr(self, "_file", None)
@@ -517,6 +525,23 @@ class _Connection:
         if tmp is not None:
             self.server.discard(tmp)
             self._tmp = None
+
+    def _discard_spare(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            with contextlib.suppress(OSError):
+                spare[0].close()
+            self.server.discard(spare[1])
+
+    def _make_spare(self) -> None:
+        """Create the next instance's ``.incoming`` file now, while the peer reads our
+        answer and prepares its next request: creating a file can wait on the file
+        system's journal, and it is better not to wait with a request arriving."""
+        if self._spare is None:
+            try:
+                self._spare = self.server.open_incoming()
+            except Exception:  # unwritable spool: the next request meets it and says so
+                self._spare = None
 
     def _serve(self) -> bool:
         """P-DATA until A-RELEASE (True) or an A-ABORT from the peer (False)."""
@@ -579,12 +604,25 @@ class _Connection:
                     try:
                         self._file.write(data)
                         self._size += len(data)
+                        self._unflushed += len(data)
+                        if self._unflushed >= FLUSH_AHEAD_BYTES:
+                            self._flush_ahead()
                     except OSError as exc:  # disk full: keep reading, answer the failure later
                         self._sink_reason = f"cannot write the received data: {exc}"
                         self._discard_partial()
                         self._sink = True
                 if control & 0x02:
                     self._dataset_complete()
+
+    def _flush_ahead(self) -> None:
+        """Start the disk writes of what has arrived so far (one flush at a time)."""
+        start = self.server.flush_ahead
+        if start is None or self._file is None or not (
+                self._flushing is None or self._flushing.done()):
+            return
+        self._file.flush()
+        self._flushing = start(self._file.fileno())
+        self._unflushed = 0
 
     def _command_complete(self, ctx: int) -> None:
         try:
@@ -616,9 +654,12 @@ class _Connection:
             sop_instance = _uid(cmd.get(0x1000, b""))
             try:
                 meta = file_meta_bytes(sop_class, sop_instance, self._contexts[ctx][1])
-                self._file, self._tmp = self.server.open_incoming()
+                spare, self._spare = self._spare, None
+                self._file, self._tmp = spare or self.server.open_incoming()
                 self._file.write(meta)
                 self._size = len(meta)
+                self._unflushed = 0
+                self._flushing = None
                 self._head = bytearray(meta)
                 self._sink = False
             except Exception as exc:  # spool unwritable: answered as out of resources
@@ -659,6 +700,8 @@ class _Connection:
             rsp = encode_response(field | 0x8000, message_id, _UNRECOGNIZED_OPERATION,
                                   sop_class, sop_instance)
         self._send_command(self._ctx, rsp)
+        if field == _C_STORE_RQ:
+            self._make_spare()  # while the peer reads the answer
 
     def _store(self, sop_class: str, sop_instance: str) -> int:
         tmp, self._tmp = self._tmp, None
@@ -696,19 +739,26 @@ class NativeServer:
         Create a temporary file to receive into (``(file, path)``); remove one.
     ssl_context : ssl.SSLContext, optional
         Wrap every connection in TLS.
+    flush_ahead : callable, optional
+        Called with the receiving file's descriptor every :data:`FLUSH_AHEAD_BYTES` while a
+        dataset arrives (at most one flush in flight per connection): starts writing it to
+        disk so the handler's ``fsync`` has less left to do
+        (:meth:`triage_node.spool.Spool.flush_ahead`).
     """
 
     def __init__(self, handler: AssociationHandler, settings: ServerSettings,
                  address: tuple[str, int], contexts: Sequence[PresentationContext],
                  open_incoming: Callable[[], tuple[BinaryIO, Path]],
                  discard: Callable[[Path], None],
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None,
+                 flush_ahead: Callable[[int], Future[None] | None] | None = None) -> None:
         self.handler = handler
         self.settings = settings
         self.contexts = list(contexts)
         self.open_incoming = open_incoming
         self.discard = discard
         self.ssl_context = ssl_context
+        self.flush_ahead = flush_ahead
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
