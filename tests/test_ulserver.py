@@ -7,10 +7,11 @@ PDUs. Unit checks of the hand-made command set codec come first.
 
 from __future__ import annotations
 
+import itertools
+import os
 import socket
 import struct
 import time
-from concurrent.futures import Future
 from io import BytesIO
 from pathlib import Path
 
@@ -34,7 +35,12 @@ from triage_node import scp, store
 from triage_node.config import load_config
 from triage_node.domain import EventKind
 from triage_node.spool import Spool
-from triage_node.ulserver import decode_command, encode_response, file_meta_bytes
+from triage_node.ulserver import (
+    WRITEBACK_BYTES,
+    decode_command,
+    encode_response,
+    file_meta_bytes,
+)
 
 pytestmark = pytest.mark.skipif(
     not (DCMTK / "storescu").exists(), reason="dcmtk not installed (apt-get install dcmtk)"
@@ -185,20 +191,21 @@ def test_storescu_with_small_pdus(tmp_path: Path, engine: str) -> None:
         assert store.count_instances(db(node)) == 3
 
 
-def test_native_flushes_large_datasets_ahead_and_leaves_no_files(
+def test_native_writes_large_datasets_back_early_and_leaves_no_files(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process native server, dcmtk storescu as the peer: a 512 KiB slice starts its
-    disk flush while it still arrives (the head start is only that: each stored file is
-    dataset-equal), and neither a partial nor the next instance's prepared file is left in
-    ``.incoming`` once the association is released."""
-    flushed: list[int] = []
-    real = Spool.flush_ahead
+    disk writes while it still arrives, in consecutive ranges of the receiving file (the
+    head start is only that: each stored file is dataset-equal), and neither a partial nor
+    the next instance's prepared file is left in ``.incoming`` once the association is
+    released."""
+    ranges: dict[int, list[tuple[int, int]]] = {}
+    real = Spool.start_writeback
 
-    def counting(self: Spool, fd: int) -> Future[None] | None:
-        flushed.append(fd)
-        return real(self, fd)
+    def recording(self: Spool, fd: int, offset: int, length: int) -> None:
+        ranges.setdefault(os.fstat(fd).st_ino, []).append((offset, length))
+        real(self, fd, offset, length)
 
-    monkeypatch.setattr(Spool, "flush_ahead", counting)
+    monkeypatch.setattr(Spool, "start_writeback", recording)
     sent = make_ct_series(tmp_path / "in", 4, rows=512, cols=512)
     config = load_config(nodeproc.write_config(
         tmp_path / "config.toml", port=0, spool=tmp_path / "spool",
@@ -211,7 +218,13 @@ def test_native_flushes_large_datasets_ahead_and_leaves_no_files(
         assert wait_for(lambda: not any(running.scp.spool.incoming.iterdir()))
     finally:
         running.stop(5.0)
-    assert len(flushed) >= 4, "no flush-ahead while 512 KiB datasets arrived"
+    assert len(ranges) == 4, f"not every 512 KiB dataset was written back early: {ranges}"
+    for calls in ranges.values():
+        assert calls[0][0] > 128  # after the file's first write: preamble and File Meta
+        for (off, length), (next_off, _) in itertools.pairwise(calls):
+            assert length >= WRITEBACK_BYTES and next_off == off + length
+        # all but the last PDU's worth is on its way before the dataset is complete
+        assert sum(length for _, length in calls) >= 512 * 512 * 2 - WRITEBACK_BYTES
     sessions = store.make_session_factory(store.make_engine(config.database.url))
     for p in sent:
         ds = dcmread(p)

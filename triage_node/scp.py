@@ -562,7 +562,8 @@ def _native_server(config: Config, scp: StorageSCP, address: tuple[str, int]) ->
         build_context(abstract, syntaxes) for abstract, syntaxes in _storage_contexts()]
     return NativeServer(scp, settings, address, contexts, scp.spool.open_incoming,
                         scp.spool.discard, ssl_context=server_ssl_context(config),
-                        flush_ahead=scp.spool.flush_ahead)
+                        start_writeback=(scp.spool.start_writeback
+                                         if scp.spool.writes_back_early else None))
 
 
 def serve_scp(config: Config, *, host: str | None = None, port: int | None = None) -> RunningSCP:

@@ -8,22 +8,24 @@ Durability protocol for one instance (the SCP acknowledges only after it returns
 ``fsync(file)`` -> ``rename(tmp, final)`` -> ``fsync(final's directory)``, plus an
 ``fsync`` of each parent directory created on the way.
 
-While a large file is still arriving, :meth:`Spool.flush_ahead` starts flushing what has
-been written so far (``fdatasync`` of a duplicate descriptor, in a small thread pool), so
-the closing ``fsync`` has only the tail left to write. It is an optimisation only: the
-protocol above is what makes a file durable.
+While a large file is still arriving, :meth:`Spool.start_writeback` starts writing what
+has arrived so far to disk (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``: no wait, no
+metadata, no cache flush), so the closing ``fsync`` has only the tail left to write. It
+is an optimisation only: the protocol above is what makes a file durable.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import hashlib
 import os
 import re
 import shutil
+import sys
 import tempfile
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -56,19 +58,25 @@ def safe_component(value: str) -> str:
     return f"{cleaned}-{digest}" if cleaned else f"x-{digest}"
 
 
-#: threads that flush files still being received (:meth:`Spool.flush_ahead`), per process
-_FLUSH_THREADS = 4
-_flush_pool: ThreadPoolExecutor | None = None
-_flush_pool_lock = threading.Lock()
+#: ``sync_file_range`` flag: start writeback of the range's dirty pages, do not wait
+_SYNC_FILE_RANGE_WRITE = 2
 
 
-def _fdatasync_and_close(fd: int) -> None:
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``sync_file_range`` (Linux), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
-        os.fdatasync(fd)
-    except OSError:
-        pass  # only a head start: the closing fsync reports what is wrong
-    finally:
-        os.close(fd)
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_sync_file_range = _load_sync_file_range()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -167,32 +175,22 @@ class Spool:
             raise SpoolError(f"cannot create a file in {self.incoming}: {exc}") from exc
         return os.fdopen(fd, "wb"), Path(name)
 
-    def flush_ahead(self, fd: int) -> Future[None] | None:
-        """Start writing to disk what a file being received holds so far; returns at once.
+    @property
+    def writes_back_early(self) -> bool:
+        """Whether :meth:`start_writeback` does anything here (fsync on, Linux)."""
+        return self.fsync and _sync_file_range is not None
 
-        ``fd`` is the receiving file's descriptor, its user-space buffer already flushed. A
-        duplicate is flushed (``fdatasync``) and closed in a worker thread, so the caller may
-        go on writing and close its own descriptor whenever it likes. The later
-        :meth:`sync` then waits only for what arrived since. None when fsync is off or no
-        descriptor is left; errors are left for :meth:`sync` to report.
+    def start_writeback(self, fd: int, offset: int, length: int) -> None:
+        """Start writing ``length`` bytes at ``offset`` of a file being received to disk.
+
+        Returns without waiting (the kernel queues the writes; it blocks only while its
+        request queue is full). ``fd`` holds the bytes already (user-space buffers
+        flushed). The later :meth:`sync` then has only what arrived since left to write.
+        Does nothing when fsync is off or the platform has no ``sync_file_range``; an
+        error is left for :meth:`sync` to report.
         """
-        if not self.fsync:
-            return None
-        global _flush_pool
-        if _flush_pool is None:
-            with _flush_pool_lock:
-                if _flush_pool is None:
-                    _flush_pool = ThreadPoolExecutor(_FLUSH_THREADS,
-                                                     thread_name_prefix="flush-ahead")
-        try:
-            dup = os.dup(fd)
-        except OSError:
-            return None
-        try:
-            return _flush_pool.submit(_fdatasync_and_close, dup)
-        except RuntimeError:  # the interpreter is shutting down
-            os.close(dup)
-            return None
+        if self.fsync and _sync_file_range is not None:
+            _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
     def _ensure_dir(self, directory: Path) -> None:
         if directory in self._known_dirs:

@@ -39,7 +39,6 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -85,8 +84,8 @@ _ELEMENT = struct.Struct("<HHL")
 _PDU_CEILING = 64 * 2**20
 #: bytes of each received file kept in memory for the header parse
 _HEAD_BYTES = 64 * 1024
-#: while a dataset arrives, start flushing it to disk every this many bytes (if enabled)
-FLUSH_AHEAD_BYTES = 128 * 1024
+#: while a dataset arrives, start writing it to disk every this many bytes (if enabled)
+WRITEBACK_BYTES = 128 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -510,8 +509,8 @@ class _Connection:
     _sink: bool
     _sink_reason: str = ""
     _head: bytearray
-    _unflushed: int = 0
-    _flushing: Future[None] | None = None
+    #: bytes of the receiving file not yet handed to :attr:`NativeServer.start_writeback`
+    _unwritten: int = 0
     #: the next C-STORE's ``.incoming`` file, made ahead (:meth:`_make_spare`)
     _spare: tuple[BinaryIO, Path] | None = None
 
@@ -604,9 +603,9 @@ class _Connection:
                     try:
                         self._file.write(data)
                         self._size += len(data)
-                        self._unflushed += len(data)
-                        if self._unflushed >= FLUSH_AHEAD_BYTES:
-                            self._flush_ahead()
+                        self._unwritten += len(data)
+                        if self._unwritten >= WRITEBACK_BYTES:
+                            self._writeback()
                     except OSError as exc:  # disk full: keep reading, answer the failure later
                         self._sink_reason = f"cannot write the received data: {exc}"
                         self._discard_partial()
@@ -614,15 +613,14 @@ class _Connection:
                 if control & 0x02:
                     self._dataset_complete()
 
-    def _flush_ahead(self) -> None:
-        """Start the disk writes of what has arrived so far (one flush at a time)."""
-        start = self.server.flush_ahead
-        if start is None or self._file is None or not (
-                self._flushing is None or self._flushing.done()):
+    def _writeback(self) -> None:
+        """Start the disk writes of the bytes that arrived since the last call."""
+        start = self.server.start_writeback
+        if start is None or self._file is None:
             return
         self._file.flush()
-        self._flushing = start(self._file.fileno())
-        self._unflushed = 0
+        start(self._file.fileno(), self._size - self._unwritten, self._unwritten)
+        self._unwritten = 0
 
     def _command_complete(self, ctx: int) -> None:
         try:
@@ -658,8 +656,7 @@ class _Connection:
                 self._file, self._tmp = spare or self.server.open_incoming()
                 self._file.write(meta)
                 self._size = len(meta)
-                self._unflushed = 0
-                self._flushing = None
+                self._unwritten = 0
                 self._head = bytearray(meta)
                 self._sink = False
             except Exception as exc:  # spool unwritable: answered as out of resources
@@ -739,11 +736,10 @@ class NativeServer:
         Create a temporary file to receive into (``(file, path)``); remove one.
     ssl_context : ssl.SSLContext, optional
         Wrap every connection in TLS.
-    flush_ahead : callable, optional
-        Called with the receiving file's descriptor every :data:`FLUSH_AHEAD_BYTES` while a
-        dataset arrives (at most one flush in flight per connection): starts writing it to
-        disk so the handler's ``fsync`` has less left to do
-        (:meth:`triage_node.spool.Spool.flush_ahead`).
+    start_writeback : callable, optional
+        Called as ``(fd, offset, length)`` for each :data:`WRITEBACK_BYTES` of a dataset
+        that arrived: starts writing them to disk without waiting, so the handler's
+        ``fsync`` has less left to do (:meth:`triage_node.spool.Spool.start_writeback`).
     """
 
     def __init__(self, handler: AssociationHandler, settings: ServerSettings,
@@ -751,14 +747,14 @@ class NativeServer:
                  open_incoming: Callable[[], tuple[BinaryIO, Path]],
                  discard: Callable[[Path], None],
                  ssl_context: ssl.SSLContext | None = None,
-                 flush_ahead: Callable[[int], Future[None] | None] | None = None) -> None:
+                 start_writeback: Callable[[int, int, int], None] | None = None) -> None:
         self.handler = handler
         self.settings = settings
         self.contexts = list(contexts)
         self.open_incoming = open_incoming
         self.discard = discard
         self.ssl_context = ssl_context
-        self.flush_ahead = flush_ahead
+        self.start_writeback = start_writeback
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
