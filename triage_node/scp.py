@@ -48,7 +48,11 @@ from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.presentation import AllStoragePresentationContexts, build_context
+from pynetdicom.presentation import (
+    AllStoragePresentationContexts,
+    PresentationContext,
+    build_context,
+)
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import (
     AssociationSocket,
@@ -89,6 +93,12 @@ def _storage_contexts() -> list[Any]:
     """Every storage SOP class with every transfer syntax we can store as received."""
     syntaxes = list(AllTransferSyntaxes) + _RETIRED_SYNTAXES
     return [(cx.abstract_syntax, syntaxes) for cx in AllStoragePresentationContexts]
+
+
+def supported_contexts() -> list[PresentationContext]:
+    """The presentation contexts the SCP accepts: Verification and every storage class."""
+    return [build_context(Verification)] + [
+        build_context(abstract, syntaxes) for abstract, syntaxes in _storage_contexts()]
 
 
 def server_ssl_context(config: Config) -> ssl.SSLContext | None:
@@ -558,9 +568,7 @@ def _native_server(config: Config, scp: StorageSCP, address: tuple[str, int]) ->
         max_associations=dicom.max_associations, max_pdu_size=dicom.max_pdu_size,
         acse_timeout=dicom.acse_timeout, dimse_timeout=dicom.dimse_timeout,
         network_timeout=dicom.network_timeout)
-    contexts = [build_context(Verification)] + [
-        build_context(abstract, syntaxes) for abstract, syntaxes in _storage_contexts()]
-    return NativeServer(scp, settings, address, contexts, scp.spool.open_incoming,
+    return NativeServer(scp, settings, address, supported_contexts(), scp.spool.open_incoming,
                         scp.spool.discard, ssl_context=server_ssl_context(config),
                         start_writeback=(scp.spool.start_writeback
                                          if scp.spool.writes_back_early else None))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import select
 import socket
 import ssl
@@ -45,7 +46,7 @@ from typing import Any, BinaryIO, Protocol
 
 from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
     AsynchronousOperationsWindowNegotiation,
@@ -237,6 +238,253 @@ def file_meta_bytes(sop_class: str, sop_instance: str, transfer_syntax: str) -> 
     return b"\x00" * 128 + b"DICM" + group + body
 
 
+# --------------------------------------------------------------- A-ASSOCIATE, common case
+
+#: a UID as the fast path takes it: digits and dots, no padding (anything else: pynetdicom)
+_PLAIN_UID = re.compile(rb"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
+_ITEM = struct.Struct(">BxH")
+_DICOM_APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+
+
+@dataclass(frozen=True, slots=True)
+class AssociateRQ:
+    """An A-ASSOCIATE-RQ (PS3.8 9.3.2) as the acceptor needs it, decoded directly.
+
+    Decoding a storescu request (128 presentation contexts) with pynetdicom's PDU classes
+    and negotiating with :func:`pynetdicom.presentation.negotiate_as_acceptor` takes about
+    40 ms of CPU here, with every UID validated several times over; this takes well under
+    one. :func:`parse_associate_rq` returns one only for the common case.
+    """
+
+    #: the AE title fields as received (the A-ASSOCIATE-AC returns them unchanged)
+    called_ae_field: bytes
+    calling_ae_field: bytes
+    application_context: str
+    #: (context ID, abstract syntax, proposed transfer syntaxes), in the order received
+    contexts: tuple[tuple[int, str, tuple[str, ...]], ...]
+    #: the requestor's maximum PDU length (0: no limit)
+    max_length: int
+    #: whether an Asynchronous Operations Window was proposed
+    async_window: bool
+
+    @property
+    def calling_ae(self) -> str:
+        return self.calling_ae_field.decode("ascii").strip()
+
+    @property
+    def called_ae(self) -> str:
+        return self.called_ae_field.decode("ascii").strip()
+
+
+def _plain_uid(value: bytes) -> str:
+    if len(value) > 64 or not _PLAIN_UID.fullmatch(value):
+        raise _Unusual
+    return value.decode("ascii")
+
+
+class _Unusual(Exception):
+    """Something :func:`parse_associate_rq` leaves to pynetdicom."""
+
+
+def parse_associate_rq(body: bytes | bytearray | memoryview) -> AssociateRQ | None:
+    """The A-ASSOCIATE-RQ after its 6-byte PDU header, or None to let pynetdicom decode it.
+
+    None for anything outside the common case: SCP/SCU role selection, extended
+    negotiation or user identity items, UIDs that are not plain digits and dots (padding
+    included), AE titles that are not printable ASCII, a context ID used twice, or any
+    structure out of place.
+    """
+    data = bytes(body)
+    try:
+        if len(data) < 68:
+            raise _Unusual
+        called, calling = data[4:20], data[20:36]
+        for ae in (called, calling):
+            if not all(0x20 <= b < 0x7F for b in ae):
+                raise _Unusual
+        application = None
+        contexts: list[tuple[int, str, tuple[str, ...]]] = []
+        ids: set[int] = set()
+        max_length, async_window, user_seen = 0, False, False
+        off, end = 68, len(data)
+        while off < end:
+            kind, length = _ITEM.unpack_from(data, off)
+            item = data[off + 4:off + 4 + length]
+            if len(item) != length:
+                raise _Unusual
+            off += 4 + length
+            if kind == 0x10 and application is None:
+                application = _plain_uid(item)
+            elif kind == 0x20:
+                contexts.append(_presentation_context(item))
+                if contexts[-1][0] in ids:
+                    raise _Unusual
+                ids.add(contexts[-1][0])
+            elif kind == 0x50 and not user_seen:
+                user_seen = True
+                max_length, async_window = _user_information(item)
+            else:
+                raise _Unusual
+        if application is None or not user_seen:
+            raise _Unusual
+    except (_Unusual, struct.error, UnicodeDecodeError):
+        return None
+    return AssociateRQ(called, calling, application, tuple(contexts), max_length,
+                       async_window)
+
+
+def _presentation_context(item: bytes) -> tuple[int, str, tuple[str, ...]]:
+    if len(item) < 4:
+        raise _Unusual
+    context_id = item[0]
+    abstract = None
+    syntaxes: list[str] = []
+    off = 4
+    while off < len(item):
+        kind, length = _ITEM.unpack_from(item, off)
+        value = item[off + 4:off + 4 + length]
+        if len(value) != length:
+            raise _Unusual
+        off += 4 + length
+        if kind == 0x30 and abstract is None and not syntaxes:
+            abstract = _plain_uid(value)
+        elif kind == 0x40 and abstract is not None:
+            syntaxes.append(_plain_uid(value))
+        else:
+            raise _Unusual
+    if abstract is None or not syntaxes or not context_id % 2:
+        raise _Unusual
+    return context_id, abstract, tuple(syntaxes)
+
+
+def _user_information(item: bytes) -> tuple[int, bool]:
+    max_length, async_window, off = None, False, 0
+    while off < len(item):
+        kind, length = _ITEM.unpack_from(item, off)
+        value = item[off + 4:off + 4 + length]
+        if len(value) != length:
+            raise _Unusual
+        off += 4 + length
+        if kind == 0x51 and length == 4 and max_length is None:
+            max_length = int.from_bytes(value, "big")
+        elif kind == 0x52:
+            _plain_uid(value)
+        elif kind == 0x53 and length == 4 and not async_window:
+            async_window = True
+        elif kind == 0x55 and 1 <= length <= 16:
+            pass
+        else:  # role selection, extended negotiation, user identity, ...: pynetdicom
+            raise _Unusual
+    if max_length is None:
+        raise _Unusual
+    return max_length, async_window
+
+
+def _sub_item(kind: int, value: bytes) -> bytes:
+    return _ITEM.pack(kind, len(value)) + value
+
+
+class Acceptor:
+    """Presentation context negotiation and the A-ASSOCIATE-AC, for :class:`AssociateRQ`.
+
+    The same results as :func:`pynetdicom.presentation.negotiate_as_acceptor` for
+    contexts without SCP/SCU roles (ours): per proposed context, in context ID order,
+    accepted with the first of *our* transfer syntaxes the requestor proposed, else
+    rejected as abstract syntax (0x03) or transfer syntaxes (0x04) not supported. The
+    A-ASSOCIATE-AC is the one pynetdicom's PDU classes encode (a test holds them equal).
+    """
+
+    def __init__(self, contexts: Sequence[PresentationContext], max_pdu_size: int) -> None:
+        self.supported = {str(cx.abstract_syntax): tuple(str(t) for t in cx.transfer_syntax)
+                          for cx in contexts}
+        #: contexts with roles of their own need pynetdicom's role negotiation
+        self.usable = all(None in (cx.scu_role, cx.scp_role) for cx in contexts)
+        self._user = b"".join((
+            _sub_item(0x51, struct.pack(">L", max_pdu_size)),
+            _sub_item(0x52, PYNETDICOM_IMPLEMENTATION_UID.encode("ascii")),
+            _sub_item(0x55, PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")),
+        ))
+
+    def negotiate(self, rq: AssociateRQ) -> tuple[bytes, dict[int, tuple[str, str]]]:
+        """The A-ASSOCIATE-AC PDU and the accepted contexts ``{id: (abstract, syntax)}``."""
+        items = [_sub_item(0x10, rq.application_context.encode("ascii"))]
+        accepted: dict[int, tuple[str, str]] = {}
+        for context_id, abstract, proposed in sorted(rq.contexts):
+            ours = self.supported.get(abstract)
+            chosen = None if ours is None else next((t for t in ours if t in proposed), None)
+            if chosen is not None:
+                result = 0x00
+                accepted[context_id] = (abstract, chosen)
+            else:
+                result = 0x03 if ours is None else 0x04
+            ts = _sub_item(0x40, (chosen or proposed[0]).encode("ascii"))
+            items.append(_sub_item(0x21, bytes((context_id, 0, result, 0)) + ts))
+        user = self._user
+        if rq.async_window:  # we perform one operation at a time
+            user += _sub_item(0x53, struct.pack(">HH", 1, 1))
+        items.append(_sub_item(0x50, user))
+        variable = b"".join(items)
+        body = (b"\x00\x01\x00\x00" + rq.called_ae_field + rq.calling_ae_field
+                + b"\x00" * 32 + variable)
+        return _HEADER.pack(_ASSOCIATE_AC, len(body)) + body, accepted
+
+
+def decode_associate_rq(pdu: bytes) -> A_ASSOCIATE:
+    """A whole A-ASSOCIATE-RQ PDU as pynetdicom's primitive (raises if malformed)."""
+    rq = A_ASSOCIATE_RQ()
+    rq.decode(pdu)
+    return rq.to_primitive()
+
+
+def pynetdicom_accept(prim: A_ASSOCIATE, contexts: Sequence[PresentationContext],
+                      max_pdu_size: int) -> tuple[bytes, dict[int, tuple[str, str]], int]:
+    """Negotiate with pynetdicom: the A-ASSOCIATE-AC PDU, the accepted contexts
+    ``{id: (abstract, syntax)}`` and the requestor's maximum PDU length."""
+    roles: dict[UID, tuple[bool | None, bool | None]] = {}
+    async_rq = False
+    max_len = 0
+    for item in prim.user_information:
+        if isinstance(item, SCP_SCU_RoleSelectionNegotiation):
+            roles[UID(str(item.sop_class_uid))] = (item.scu_role, item.scp_role)
+        elif isinstance(item, AsynchronousOperationsWindowNegotiation):
+            async_rq = True
+        elif isinstance(item, MaximumLengthNotification):
+            max_len = int(item.maximum_length_received or 0)
+    result, ac_roles = negotiate_as_acceptor(
+        prim.presentation_context_definition_list, list(contexts), roles or None)
+    accepted = {
+        int(cx.context_id): (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+        for cx in result if cx.result == 0x00 and cx.context_id is not None
+    }
+    ac = A_ASSOCIATE()
+    ac.application_context_name = prim.application_context_name
+    ac.calling_ae_title = prim.calling_ae_title
+    ac.called_ae_title = prim.called_ae_title
+    ac.result = 0x00
+    ac.presentation_context_definition_results_list = result
+    ml = MaximumLengthNotification()
+    ml.maximum_length_received = max_pdu_size
+    ic = ImplementationClassUIDNotification()
+    ic.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+    iv = ImplementationVersionNameNotification()
+    iv.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
+    user: list[Any] = [ml, ic, iv, *ac_roles]
+    if async_rq:  # we perform one operation at a time
+        aw = AsynchronousOperationsWindowNegotiation()
+        aw.maximum_number_operations_invoked = 1
+        aw.maximum_number_operations_performed = 1
+        user.append(aw)
+    ac.user_information = user
+    pdu = A_ASSOCIATE_AC()
+    pdu.from_primitive(ac)
+    return pdu.encode(), accepted, max_len
+
+
+def associate_rj(result: int, source: int, reason: int) -> bytes:
+    """An A-ASSOCIATE-RJ PDU (PS3.8 9.3.4)."""
+    return _HEADER.pack(_ASSOCIATE_RJ, 4) + bytes((0, result, source, reason))
+
+
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
     """The ``[dicom]`` values the receive loop needs."""
@@ -393,7 +641,6 @@ class _Connection:
     def _negotiate(self) -> bool:
         """A-ASSOCIATE-RQ -> AC, or RJ; False when there is no association."""
         settings = self.server.settings
-        handler = self.server.handler
         deadline = time.monotonic() + settings.acse_timeout
         try:
             pdu_type, body = self._read_pdu(settings.acse_timeout)
@@ -409,92 +656,72 @@ class _Connection:
             raise _Abort(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}",
                          reason=_REASON_UNEXPECTED_PDU if pdu_type <= _ABORT
                          else _REASON_UNRECOGNIZED_PDU)
-        rq = A_ASSOCIATE_RQ()
-        try:
-            rq.decode(bytes((pdu_type, 0)) + struct.pack(">L", len(body)) + bytes(body))
-            prim = rq.to_primitive()
-        except Exception as exc:
-            raise _Abort(f"malformed A-ASSOCIATE-RQ: {exc}",
-                         reason=_REASON_INVALID_PARAMETER) from exc
+        fast = parse_associate_rq(body) if self.server.acceptor.usable else None
+        if fast is None:
+            return self._negotiate_pynetdicom(pdu_type, body)
         self.negotiating = True
-        self.ae = str(prim.calling_ae_title or "").strip()
+        self.ae = fast.calling_ae
+        rsd = self._admission(fast.application_context, fast.called_ae)
+        if rsd is not None:
+            self._reject(rsd)
+            return False
+        self._peer_max = fast.max_length
+        ac, self._contexts = self.server.acceptor.negotiate(fast)
+        return self._accepted(ac)
 
+    def _admission(self, application_context: str, called: str) -> tuple[int, int, int] | None:
+        """None to accept, else the A-ASSOCIATE-RJ's (result, source, reason), audited."""
+        handler = self.server.handler
         rsd = handler.admit(self.ae, self.address)
         if rsd is None:
-            layer = self._layer_check(prim)
+            layer = self._layer_check(application_context, called)
             if layer is not None:
                 handler.rejected(self.ae, self.address, layer[3])
                 rsd = layer[:3]
-        if rsd is not None:
-            self._reject(prim, rsd)
-            return False
+        return rsd
 
-        roles: dict[UID, tuple[bool | None, bool | None]] = {}
-        async_rq = False
-        max_len = 0
-        for item in prim.user_information:
-            if isinstance(item, SCP_SCU_RoleSelectionNegotiation):
-                roles[UID(str(item.sop_class_uid))] = (item.scu_role, item.scp_role)
-            elif isinstance(item, AsynchronousOperationsWindowNegotiation):
-                async_rq = True
-            elif isinstance(item, MaximumLengthNotification):
-                max_len = int(item.maximum_length_received or 0)
-        self._peer_max = max_len
-        result, ac_roles = negotiate_as_acceptor(
-            prim.presentation_context_definition_list, self.server.contexts, roles or None)
-        self._contexts = {
-            int(cx.context_id): (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
-            for cx in result if cx.result == 0x00 and cx.context_id is not None
-        }
-        ac = A_ASSOCIATE()
-        ac.application_context_name = prim.application_context_name
-        ac.calling_ae_title = prim.calling_ae_title
-        ac.called_ae_title = prim.called_ae_title
-        ac.result = 0x00
-        ac.presentation_context_definition_results_list = result
-        ml = MaximumLengthNotification()
-        ml.maximum_length_received = settings.max_pdu_size
-        ic = ImplementationClassUIDNotification()
-        ic.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
-        iv = ImplementationVersionNameNotification()
-        iv.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
-        user: list[Any] = [ml, ic, iv, *ac_roles]
-        if async_rq:  # we perform one operation at a time
-            aw = AsynchronousOperationsWindowNegotiation()
-            aw.maximum_number_operations_invoked = 1
-            aw.maximum_number_operations_performed = 1
-            user.append(aw)
-        ac.user_information = user
-        pdu = A_ASSOCIATE_AC()
-        pdu.from_primitive(ac)
-        if not self._send(pdu.encode()):
+    def _accepted(self, ac: bytes) -> bool:
+        if not self._send(ac):
             return False
         if not self._contexts:
             log.info("association from %s@%s: no presentation context accepted", self.ae,
                      self.address)
         return True
 
-    def _layer_check(self, prim: A_ASSOCIATE) -> tuple[int, int, int, str] | None:
+    def _negotiate_pynetdicom(self, pdu_type: int, body: memoryview) -> bool:
+        """The same with pynetdicom's PDU classes: for what :func:`parse_associate_rq`
+        leaves to it (role selection and the like, unusual encodings)."""
+        try:
+            prim = decode_associate_rq(bytes((pdu_type, 0)) + struct.pack(">L", len(body))
+                                       + bytes(body))
+        except Exception as exc:
+            raise _Abort(f"malformed A-ASSOCIATE-RQ: {exc}",
+                         reason=_REASON_INVALID_PARAMETER) from exc
+        self.negotiating = True
+        self.ae = str(prim.calling_ae_title or "").strip()
+        rsd = self._admission(str(prim.application_context_name),
+                              str(prim.called_ae_title or "").strip())
+        if rsd is not None:
+            self._reject(rsd)
+            return False
+        ac, self._contexts, self._peer_max = pynetdicom_accept(
+            prim, self.server.contexts, self.server.settings.max_pdu_size)
+        return self._accepted(ac)
+
+    def _layer_check(self, application_context: str,
+                     called: str) -> tuple[int, int, int, str] | None:
         """The association layer's own rejections (those pynetdicom's ACSE makes)."""
         settings = self.server.settings
-        if prim.application_context_name != "1.2.840.10008.3.1.1.1":
+        if application_context != _DICOM_APPLICATION_CONTEXT:
             return (0x01, 0x01, 0x02, "application context name not supported")
-        called = str(prim.called_ae_title or "").strip()
         if settings.require_called_ae and called != settings.ae_title.strip():
             return (0x01, 0x01, 0x07, f"called AE title {called!r} not recognised")
         if self.server._negotiating_count() > settings.max_associations:
             return (0x02, 0x03, 0x02, "association limit reached")
         return None
 
-    def _reject(self, prim: A_ASSOCIATE, rsd: tuple[int, int, int]) -> None:
-        rj = A_ASSOCIATE()
-        rj.application_context_name = prim.application_context_name
-        rj.calling_ae_title = prim.calling_ae_title
-        rj.called_ae_title = prim.called_ae_title
-        rj.result, rj.result_source, rj.diagnostic = rsd
-        pdu = A_ASSOCIATE_RJ()
-        pdu.from_primitive(rj)
-        self._send(pdu.encode())
+    def _reject(self, rsd: tuple[int, int, int]) -> None:
+        self._send(associate_rj(*rsd))
         # The peer closes after reading the reject; give it a moment so it reads it first.
         with contextlib.suppress(OSError, ValueError):
             self.sock.settimeout(1.0)
@@ -755,6 +982,7 @@ class NativeServer:
         self.discard = discard
         self.ssl_context = ssl_context
         self.start_writeback = start_writeback
+        self.acceptor = Acceptor(self.contexts, settings.max_pdu_size)
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
