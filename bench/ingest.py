@@ -14,7 +14,9 @@ Both receivers get the same files from dcmtk ``storescu`` (``TCP_NODELAY=1``) on
    and against ``storescp --fork``.
 
 Ours runs with fsync on (the default: a slice is acknowledged only once on disk and
-recorded in SQLite); dcmtk storescp writes without fsync. Prints a table; stops by itself.
+recorded in SQLite); dcmtk storescp writes without fsync. Before each timed run the page
+cache is written back (``sync``), so no run pays for the previous one's unwritten files.
+Prints a table; stops by itself.
 """
 
 from __future__ import annotations
@@ -40,7 +42,14 @@ STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 
 
+def _settle() -> None:
+    """Write back whatever the previous run left in the page cache (dcmtk storescp does
+    not fsync), so that it is not written during the next, timed, run."""
+    os.sync()
+
+
 def _send(port: int, files: list[Path], called: str) -> float:
+    _settle()
     t0 = time.perf_counter()
     out = subprocess.run([STORESCU, "-aec", called, "127.0.0.1", str(port), *map(str, files)],
                          env=DCMTK_ENV, capture_output=True, text=True, timeout=600)
@@ -51,6 +60,7 @@ def _send(port: int, files: list[Path], called: str) -> float:
 
 
 def _send_parallel(port: int, groups: list[list[Path]], called: str) -> float:
+    _settle()
     t0 = time.perf_counter()
     procs = [subprocess.Popen([STORESCU, "-aec", called, "127.0.0.1", str(port),
                                *map(str, g)], env=DCMTK_ENV, stdout=subprocess.DEVNULL,

@@ -151,6 +151,13 @@ class _Gone(Exception):
     """The peer closed the connection, or it was closed under us."""
 
 
+def _timeval(seconds: float) -> bytes:
+    """A ``struct timeval`` for SO_RCVTIMEO / SO_SNDTIMEO (at least a microsecond: zero
+    would mean no timeout)."""
+    micros = max(1, round(seconds * 1e6))
+    return struct.pack("@ll", micros // 1_000_000, micros % 1_000_000)
+
+
 def _uid(value: bytes) -> str:
     return value.decode("ascii", "replace").rstrip("\x00 ")
 
@@ -516,6 +523,10 @@ class _Connection:
         self._contexts: dict[int, tuple[str, str]] = {}
         self._peer_max = 0
         self.assoc_id = id(self)
+        #: plain TCP: a blocking socket with kernel timeouts (SO_RCVTIMEO), read with
+        #: MSG_WAITALL - one system call per PDU part, no poll() before each recv
+        self._kernel_timeouts = False
+        self._timeout: float | None = None
 
     # -- socket helpers ------------------------------------------------------------------
 
@@ -526,13 +537,14 @@ class _Connection:
         view = memoryview(self._buf)[:n]
         got = 0
         try:
-            self.sock.settimeout(timeout)
+            self._set_timeout(timeout)
         except OSError as exc:  # closed under us by abort()
             raise _Gone(str(exc)) from exc
+        flags = socket.MSG_WAITALL if self._kernel_timeouts else 0
         while got < n:
             try:
-                k = self.sock.recv_into(view[got:], n - got)
-            except TimeoutError as exc:
+                k = self.sock.recv_into(view[got:], n - got, flags)
+            except (TimeoutError, BlockingIOError) as exc:  # BlockingIOError: SO_RCVTIMEO
                 raise _Abort(f"no data for {timeout:g} s") from exc
             except (OSError, ValueError) as exc:  # reset, or closed under us by abort()
                 raise _Gone(str(exc)) from exc
@@ -540,6 +552,27 @@ class _Connection:
                 raise _Gone("connection closed by peer")
             got += k
         return view
+
+    def _set_timeout(self, timeout: float) -> None:
+        if timeout == self._timeout:
+            return
+        if self._kernel_timeouts:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
+        else:
+            self.sock.settimeout(timeout)
+        self._timeout = timeout
+
+    def _use_kernel_timeouts(self) -> None:
+        """Switch a plain TCP socket to blocking reads with SO_RCVTIMEO (sends give up
+        after the DIMSE timeout: SO_SNDTIMEO)."""
+        try:
+            self.sock.settimeout(None)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                                 _timeval(self.server.settings.dimse_timeout))
+        except OSError:
+            return
+        self._kernel_timeouts = True
+        self._timeout = None
 
     def _read_pdu(self, header_timeout: float) -> tuple[int, memoryview]:
         hdr = self._read(6, header_timeout)
@@ -612,6 +645,8 @@ class _Connection:
                 except (OSError, ssl.SSLError) as exc:
                     log.info("TLS handshake with %s failed: %s", self.address, exc)
                     return
+            else:
+                self._use_kernel_timeouts()
             if not self._negotiate():
                 return
             handler.opened(self.assoc_id, self.ae, self.address)
@@ -724,7 +759,7 @@ class _Connection:
         self._send(associate_rj(*rsd))
         # The peer closes after reading the reject; give it a moment so it reads it first.
         with contextlib.suppress(OSError, ValueError):
-            self.sock.settimeout(1.0)
+            self._set_timeout(1.0)
             self.sock.recv(1)
 
     # -- P-DATA ----------------------------------------------------------------------------
