@@ -172,6 +172,11 @@ def main() -> int:
     print("-|-".join("-" * w for w in widths))
     for r in rows:
         print(" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+    print("\nper round (slices/s, in run order):")
+    for name, ours_r, dcmtk_r in (("1 association", ours_rates, dcmtk_rates),
+                                  (f"{args.concurrent} associations", ours_c, dcmtk_c)):
+        print(f"  {name}: ours {' '.join(f'{x:.0f}' for x in ours_r)}; "
+              f"dcmtk {' '.join(f'{x:.0f}' for x in dcmtk_r)}")
     if args.workdir is None:
         shutil.rmtree(base, ignore_errors=True)
     return 0
