@@ -204,9 +204,12 @@ def test_hand_built_request_is_read() -> None:
         + _item(0x54, b"\x00\x04" + b"1.2\x00" + b"\x01\x01")),  # role selection
     _rq([(1, CT, [IMPLICIT])])[:-3],  # truncated
     _rq([(1, CT, [IMPLICIT])]).replace(b"SCANNER", b"SCANN\xc9R"),  # not ASCII
+    _rq([(1, CT, [IMPLICIT])]).replace(b"SCANNER", b"SCAN\\ER"),
+    _rq([(1, CT, [IMPLICIT])]).replace(b"SCANNER", b"       "),
 ], ids=["padded abstract syntax", "padded transfer syntax", "leading zero",
         "context ID twice", "even context ID", "no transfer syntax", "no maximum length",
-        "role selection", "truncated", "non-ASCII AE title"])
+        "role selection", "truncated", "non-ASCII AE title", "backslash in AE title",
+        "blank AE title"])
 def test_unusual_requests_go_to_pynetdicom(body: bytes) -> None:
     assert parse_associate_rq(body) is None
 

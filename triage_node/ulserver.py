@@ -259,8 +259,8 @@ class AssociateRQ:
 
     Decoding a storescu request (128 presentation contexts) with pynetdicom's PDU classes
     and negotiating with :func:`pynetdicom.presentation.negotiate_as_acceptor` takes about
-    40 ms of CPU here, with every UID validated several times over; this takes well under
-    one. :func:`parse_associate_rq` returns one only for the common case.
+    27 ms of CPU here, with every UID validated several times over; this takes 1.6 ms.
+    :func:`parse_associate_rq` returns one only for the common case.
     """
 
     #: the AE title fields as received (the A-ASSOCIATE-AC returns them unchanged)
@@ -298,16 +298,16 @@ def parse_associate_rq(body: bytes | bytearray | memoryview) -> AssociateRQ | No
 
     None for anything outside the common case: SCP/SCU role selection, extended
     negotiation or user identity items, UIDs that are not plain digits and dots (padding
-    included), AE titles that are not printable ASCII, a context ID used twice, or any
-    structure out of place.
+    included), AE titles that are blank or not printable ASCII without backslashes, a
+    context ID used twice, or any structure out of place.
     """
     data = bytes(body)
     try:
         if len(data) < 68:
             raise _Unusual
         called, calling = data[4:20], data[20:36]
-        for ae in (called, calling):
-            if not all(0x20 <= b < 0x7F for b in ae):
+        for ae in (called, calling):  # what pynetdicom refuses, it refuses
+            if not ae.strip(b" ") or not all(0x20 <= b < 0x7F and b != 0x5C for b in ae):
                 raise _Unusual
         application = None
         contexts: list[tuple[int, str, tuple[str, ...]]] = []
