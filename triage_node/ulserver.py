@@ -259,7 +259,7 @@ class AssociateRQ:
 
     Decoding a storescu request (128 presentation contexts) with pynetdicom's PDU classes
     and negotiating with :func:`pynetdicom.presentation.negotiate_as_acceptor` takes about
-    14-27 ms of CPU here, with every UID validated several times over; this takes 0.8-1.6.
+    14-27 ms of CPU here, with every UID validated several times over; this takes 0.8-1.6 ms.
     :func:`parse_associate_rq` returns one only for the common case.
     """
 
