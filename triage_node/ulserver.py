@@ -41,6 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
@@ -408,8 +409,9 @@ class Acceptor:
             _sub_item(0x55, PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")),
         ))
 
-    def negotiate(self, rq: AssociateRQ) -> tuple[bytes, dict[int, tuple[str, str]]]:
-        """The A-ASSOCIATE-AC PDU and the accepted contexts ``{id: (abstract, syntax)}``."""
+    def negotiate(self, rq: AssociateRQ) -> tuple[bytes, dict[int, tuple[str, str]], int]:
+        """The A-ASSOCIATE-AC PDU, the accepted contexts ``{id: (abstract, syntax)}`` and
+        the requestor's maximum PDU length (as :func:`pynetdicom_accept`)."""
         items = [_sub_item(0x10, rq.application_context.encode("ascii"))]
         accepted: dict[int, tuple[str, str]] = {}
         for context_id, abstract, proposed in sorted(rq.contexts):
@@ -429,7 +431,7 @@ class Acceptor:
         variable = b"".join(items)
         body = (b"\x00\x01\x00\x00" + rq.called_ae_field + rq.calling_ae_field
                 + b"\x00" * 32 + variable)
-        return _HEADER.pack(_ASSOCIATE_AC, len(body)) + body, accepted
+        return _HEADER.pack(_ASSOCIATE_AC, len(body)) + body, accepted, rq.max_length
 
 
 def decode_associate_rq(pdu: bytes) -> A_ASSOCIATE:
@@ -687,57 +689,44 @@ class _Connection:
             raise _Abort(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}",
                          reason=_REASON_UNEXPECTED_PDU if pdu_type <= _ABORT
                          else _REASON_UNRECOGNIZED_PDU)
+        # The common case is read and answered directly; anything else (role selection and
+        # the like, unusual encodings) by pynetdicom's PDU classes.
         fast = parse_associate_rq(body) if self.server.acceptor.usable else None
-        if fast is None:
-            return self._negotiate_pynetdicom(pdu_type, body)
+        negotiate: Callable[[], tuple[bytes, dict[int, tuple[str, str]], int]]
+        if fast is not None:
+            ae, application, called = fast.calling_ae, fast.application_context, fast.called_ae
+            negotiate = partial(self.server.acceptor.negotiate, fast)
+        else:
+            try:
+                prim = decode_associate_rq(bytes((pdu_type, 0)) + struct.pack(">L", len(body))
+                                           + bytes(body))
+            except Exception as exc:
+                raise _Abort(f"malformed A-ASSOCIATE-RQ: {exc}",
+                             reason=_REASON_INVALID_PARAMETER) from exc
+            ae = str(prim.calling_ae_title or "").strip()
+            application = str(prim.application_context_name)
+            called = str(prim.called_ae_title or "").strip()
+            negotiate = partial(pynetdicom_accept, prim, self.server.contexts,
+                                settings.max_pdu_size)
         self.negotiating = True
-        self.ae = fast.calling_ae
-        rsd = self._admission(fast.application_context, fast.called_ae)
-        if rsd is not None:
-            self._reject(rsd)
-            return False
-        self._peer_max = fast.max_length
-        ac, self._contexts = self.server.acceptor.negotiate(fast)
-        return self._accepted(ac)
-
-    def _admission(self, application_context: str, called: str) -> tuple[int, int, int] | None:
-        """None to accept, else the A-ASSOCIATE-RJ's (result, source, reason), audited."""
+        self.ae = ae
         handler = self.server.handler
         rsd = handler.admit(self.ae, self.address)
         if rsd is None:
-            layer = self._layer_check(application_context, called)
+            layer = self._layer_check(application, called)
             if layer is not None:
                 handler.rejected(self.ae, self.address, layer[3])
                 rsd = layer[:3]
-        return rsd
-
-    def _accepted(self, ac: bytes) -> bool:
+        if rsd is not None:
+            self._reject(rsd)
+            return False
+        ac, self._contexts, self._peer_max = negotiate()
         if not self._send(ac):
             return False
         if not self._contexts:
             log.info("association from %s@%s: no presentation context accepted", self.ae,
                      self.address)
         return True
-
-    def _negotiate_pynetdicom(self, pdu_type: int, body: memoryview) -> bool:
-        """The same with pynetdicom's PDU classes: for what :func:`parse_associate_rq`
-        leaves to it (role selection and the like, unusual encodings)."""
-        try:
-            prim = decode_associate_rq(bytes((pdu_type, 0)) + struct.pack(">L", len(body))
-                                       + bytes(body))
-        except Exception as exc:
-            raise _Abort(f"malformed A-ASSOCIATE-RQ: {exc}",
-                         reason=_REASON_INVALID_PARAMETER) from exc
-        self.negotiating = True
-        self.ae = str(prim.calling_ae_title or "").strip()
-        rsd = self._admission(str(prim.application_context_name),
-                              str(prim.called_ae_title or "").strip())
-        if rsd is not None:
-            self._reject(rsd)
-            return False
-        ac, self._contexts, self._peer_max = pynetdicom_accept(
-            prim, self.server.contexts, self.server.settings.max_pdu_size)
-        return self._accepted(ac)
 
     def _layer_check(self, application_context: str,
                      called: str) -> tuple[int, int, int, str] | None:
