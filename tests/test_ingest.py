@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -92,13 +92,11 @@ class _Writer:
         self.delay = delay
         self.fail = fail
 
-    def __call__(self, instances: Sequence[InstanceRecord], events: Sequence[EventRecord],
-                 before_commit: Callable[[], None] | None = None) -> list[bool]:
+    def __call__(self, instances: Sequence[InstanceRecord],
+                 events: Sequence[EventRecord]) -> list[bool]:
         time.sleep(self.delay)
         if self.fail:
             raise DatabaseError("database is down")
-        if before_commit is not None:
-            before_commit()
         self.batches.append((len(instances), len(events)))
         return [i % 2 == 0 for i in range(len(instances))]
 
@@ -147,83 +145,50 @@ def test_audit_events_ride_along(tmp_path: Path) -> None:
     assert writer.batches == [(0, 1)]
 
 
-def test_recorder_waits_for_announced_records(tmp_path: Path) -> None:
-    """A batch waits (up to ``linger``) for a record announced with expect(); with nothing
-    announced it is written at once."""
+class _TurnWriter(_Writer):
+    """A writer whose turn (like InstanceWriter's lock between processes) is held by
+    someone else until ``free`` is set, or cannot be taken at all."""
+
+    def __init__(self, broken: bool = False) -> None:
+        super().__init__()
+        self.free = threading.Event()
+        self.waiting = threading.Event()
+        self.broken = broken
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        if self.broken:
+            raise DatabaseError("cannot open the writers' lock")
+        self.waiting.set()
+        self.free.wait(10)
+        yield
+
+
+def test_recorder_batches_what_arrives_while_awaiting_its_turn(tmp_path: Path) -> None:
+    """Records submitted while the recorder waits for its turn to write join that batch."""
     rec = _record(make_instance(tmp_path / "a.dcm"))
-    writer = _Writer()
-    recorder = Recorder(writer, linger=5.0)
-    recorder.expect()
-    first = threading.Thread(target=recorder.record, args=(rec,))
-    first.start()
-    time.sleep(0.2)  # the first record waits in the batch for the announced one
-    assert writer.batches == []
-    recorder.record(rec, expected=True)
-    first.join()
-    assert writer.batches == [(2, 0)]
-    t0 = time.monotonic()
-    recorder.record(rec)
-    assert time.monotonic() - t0 < 2.0, "nothing announced: no linger"
-    recorder.expect()
-    recorder.unexpect()
-    t0 = time.monotonic()
-    recorder.record(rec)
-    assert time.monotonic() - t0 < 2.0, "a withdrawn announcement is not waited for"
-    recorder.close()
-    assert writer.batches == [(2, 0), (1, 0), (1, 0)]
-
-
-def test_recorder_commits_only_once_ready(tmp_path: Path) -> None:
-    """The batch's statements run at once; its commit waits for the file to be in place."""
-    rec = _record(make_instance(tmp_path / "a.dcm"))
-    calls: list[str] = []
-
-    def writer(instances: Sequence[InstanceRecord], events: Sequence[EventRecord],
-               before_commit: Callable[[], None] | None = None) -> list[bool]:
-        calls.append("statements")
-        assert before_commit is not None
-        before_commit()
-        calls.append("commit")
-        return [True] * len(instances)
-
+    writer = _TurnWriter()
     recorder = Recorder(writer)
-    ready: Future[None] = Future()
-    done = threading.Event()
-    thread = threading.Thread(target=lambda: (recorder.record(rec, ready=ready), done.set()))
-    thread.start()
-    time.sleep(0.2)
-    assert calls == ["statements"] and not done.is_set()
-    ready.set_result(None)
-    thread.join(5)
-    assert calls == ["statements", "commit"] and done.is_set()
+    first = recorder.submit(rec)
+    assert writer.waiting.wait(5)
+    later = [recorder.submit(rec) for _ in range(4)]
+    recorder.audit(EventRecord(EventKind.ASSOCIATION_OPENED, utcnow()))
+    time.sleep(0.1)
+    assert writer.batches == [] and not first.done()
+    writer.free.set()
+    assert [Recorder.wait(f, 5) for f in (first, *later)] == [True, False, True, False, True]
     recorder.close()
+    assert writer.batches == [(5, 1)]
 
 
-def test_recorder_leaves_out_a_record_whose_file_failed(tmp_path: Path) -> None:
-    """One file failing: its record raises, the rest of the batch is written without it."""
-    good = _record(make_instance(tmp_path / "a.dcm"))
-    writer = _Writer()
-    recorder = Recorder(writer, linger=5.0)
-    failed: Future[None] = Future()
-    failed.set_exception(OSError("disk full"))
-    ok: Future[None] = Future()
-    ok.set_result(None)
-    outcome: list[object] = []
-
-    def bad() -> None:
-        try:
-            recorder.record(good, [EventRecord(EventKind.INSTANCE_STORED, utcnow())],
-                            ready=failed, expected=True)
-        except DatabaseError as exc:
-            outcome.append(exc)
-
-    recorder.expect()
-    recorder.expect()
-    thread = threading.Thread(target=bad)
-    thread.start()
-    assert recorder.record(good, ready=ok, expected=True) is True
-    thread.join(5)
-    assert len(outcome) == 1 and "disk full" in str(outcome[0])
+def test_recorder_without_a_turn_fails_the_records_and_goes_on(tmp_path: Path) -> None:
+    rec = _record(make_instance(tmp_path / "a.dcm"))
+    writer = _TurnWriter(broken=True)
+    recorder = Recorder(writer)
+    with pytest.raises(DatabaseError, match="writers' lock"):
+        recorder.record(rec, timeout=5)
+    writer.broken = False
+    writer.free.set()
+    assert recorder.record(rec, timeout=5) is True
     recorder.close()
-    # one transaction: the failed record and its event left out
     assert writer.batches == [(1, 0)]

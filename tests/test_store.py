@@ -111,7 +111,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-#: ``(instances, events=(), before_commit=None) -> list[bool]``
+#: ``(instances, events=()) -> list[bool]``
 Write = Callable[..., list[bool]]
 
 
@@ -893,22 +893,6 @@ def test_instance_writer_survives_a_deleted_series(session_factory: sessionmaker
         SeriesState.RECEIVING, None, later, later)
 
 
-def test_before_commit_failure_records_nothing(
-    session_factory: sessionmaker[Session], write: Write
-) -> None:
-    """What the SCP waits for before the commit (the file in place) failing rolls back."""
-    write([instance("6.1")])
-
-    def fail() -> None:
-        raise RuntimeError("file not stored")
-
-    with pytest.raises(RuntimeError, match="file not stored"):
-        write([instance("6.2")], [event()], fail)
-    assert count_instances(session_factory) == 1
-    assert list_events(session_factory) == []
-    assert write([instance("6.2")], [], lambda: None) == [True]
-
-
 def test_instance_writers_take_turns_on_sqlite(sqlite_url: str, tmp_path: Path) -> None:
     """SQLite writers queue on a lock file (no busy-handler sleeps); a writer waits there."""
     import fcntl
@@ -932,5 +916,33 @@ def test_instance_writers_take_turns_on_sqlite(sqlite_url: str, tmp_path: Path) 
         os.close(fd)
         write.close()
         assert count_instances(make_session_factory(engine)) == 2
+    finally:
+        engine.dispose()
+
+
+def test_instance_writer_writes_within_its_own_turn(sqlite_url: str) -> None:
+    """The recorder holds the writer's turn while it picks a batch, then writes with it:
+    the turn is re-entrant, and held the whole time against other processes."""
+    import fcntl
+
+    upgrade(sqlite_url)
+    engine = make_engine(sqlite_url)
+    try:
+        write = InstanceWriter(make_session_factory(engine))
+        lock = Path(sqlite_url.removeprefix("sqlite:///") + "-writers.lock")
+        with write.turn():
+            assert write([instance("9.1")]) == [True]
+            fd = os.open(lock, os.O_RDWR)
+            try:
+                with pytest.raises(BlockingIOError):
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(fd)
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again
+        finally:
+            os.close(fd)
+        write.close()
     finally:
         engine.dispose()

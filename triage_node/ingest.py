@@ -5,15 +5,13 @@ Nothing here touches the network; :mod:`triage_node.scp` calls it from the C-STO
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
-import queue
 import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from functools import partial
 from io import BytesIO
 from pathlib import Path
 from typing import Any, Protocol
@@ -260,48 +258,31 @@ def instance_record(
 
 # ----------------------------------------------------------------------------- recorder
 
-#: ``(instances, events, before_commit) -> list[bool]``, e.g. a partial of
-#: :func:`triage_node.store.record_batch`: it must call ``before_commit`` (when not None)
-#: inside the transaction, after its statements and before the commit.
-BatchWriter = Callable[
-    [Sequence[InstanceRecord], Sequence[EventRecord], Callable[[], None] | None], list[bool]]
+#: ``(instances, events) -> list[bool]``, e.g. a partial of
+#: :func:`triage_node.store.record_batch`. It may have a ``turn()`` method: a context
+#: manager that :class:`Recorder` holds while it picks a batch and writes it
+#: (:meth:`triage_node.store.InstanceWriter.turn`).
+BatchWriter = Callable[[Sequence[InstanceRecord], Sequence[EventRecord]], list[bool]]
 
 
 @dataclass(slots=True)
 class _Item:
-    instance: InstanceRecord | None
+    instance: InstanceRecord
     events: tuple[EventRecord, ...]
-    future: Future[bool] | None
-    #: done when the instance's file is in place; the transaction commits only after that
-    ready: Future[Any] | None = None
-    timeout: float = 60.0
-
-
-class _NotReady(Exception):
-    """Raised by a batch's ``before_commit``: some instances' files were not stored."""
-
-    def __init__(self, failed: list[tuple[_Item, BaseException]]) -> None:
-        super().__init__(f"{len(failed)} file(s) not stored")
-        self.failed = failed
+    future: Future[bool]
 
 
 class Recorder:
     """Group commit: one thread writes what many handler threads submit, in batches.
 
-    A handler calls :meth:`record` and blocks until the transaction holding its instance
-    has committed, so its C-STORE is acknowledged only for a durable record; meanwhile
-    concurrent associations share that commit. Audit-only events (:meth:`audit`) ride
-    along with the next batch and are not waited for.
-
-    A record may come with a ``ready`` future that completes when its file is in place in
-    the spool: the transaction's statements run meanwhile (their CPU overlaps the file's
-    fsync), and the commit waits for it. A record whose file failed is left out of the
-    transaction (the rest is written again without it) and its :meth:`record` raises.
-
-    A transaction costs about the same for one instance as for eight, so a handler that
-    will record soon (its file is being synced) says so with :meth:`expect`; a batch
-    being formed then waits up to ``linger`` seconds for announced records. With nothing
-    announced (one association) nothing waits.
+    A handler submits an instance's record once its file is in place and blocks until the
+    transaction holding it has committed, so its C-STORE is acknowledged only for a durable
+    record; meanwhile concurrent associations share that commit. A batch is everything
+    submitted by the time the thread gets its turn to write (the writer's ``turn()``, if
+    it has one: on a SQLite file the receiving processes take turns); what arrives while a
+    transaction is written, or while the turn is awaited, makes the next batch, so batches
+    grow with the load and a lone record is written at once. Audit-only events
+    (:meth:`audit`) ride along with the next batch and are not waited for.
 
     Parameters
     ----------
@@ -310,57 +291,33 @@ class Recorder:
         :func:`triage_node.store.record_batch`; True per instance that was new.
     max_batch : int
         Most instances per transaction.
-    linger : float
-        Longest wait, seconds, for announced records before a batch is written.
     """
 
-    def __init__(self, write_batch: BatchWriter, *, max_batch: int = 256,
-                 linger: float = 0.003) -> None:
+    def __init__(self, write_batch: BatchWriter, *, max_batch: int = 256) -> None:
         self._write = write_batch
+        self._turn: Callable[[], contextlib.AbstractContextManager[Any]] = getattr(
+            write_batch, "turn", contextlib.nullcontext)
         self._max_batch = max_batch
-        self._linger = linger
-        self._coming = 0
-        self._coming_lock = threading.Lock()
-        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
+        self._cond = threading.Condition()
+        self._items: list[_Item] = []
+        self._events: list[EventRecord] = []
         self._closed = False
+        self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
         self._thread.start()
 
-    def expect(self) -> None:
-        """Announce a :meth:`record` to come; follow with ``record(..., expected=True)``
-        or, if it will not come after all, :meth:`unexpect`."""
-        with self._coming_lock:
-            self._coming += 1
-
-    def unexpect(self) -> None:
-        """Withdraw an announcement made with :meth:`expect`."""
-        with self._coming_lock:
-            self._coming = max(0, self._coming - 1)
-
-    def record(
-        self, instance: InstanceRecord, events: Sequence[EventRecord] = (), *, timeout: float = 60,
-        expected: bool = False, ready: Future[Any] | None = None,
-    ) -> bool:
+    def record(self, instance: InstanceRecord, events: Sequence[EventRecord] = (), *,
+               timeout: float = 60) -> bool:
         """Durably record one instance (and its events); True if it was new.
-
-        ``expected``: this record was announced with :meth:`expect`. ``ready``: the
-        transaction commits only once this future is done (the instance's file is in
-        place); if it fails, or is not done within ``timeout``, nothing of this record is
-        written.
 
         Raises
         ------
         DatabaseError
-            If the transaction failed or did not finish within ``timeout``, or ``ready``
-            failed.
+            If the transaction failed or did not finish within ``timeout``.
         """
-        return self.wait(self.submit(instance, events, timeout=timeout, expected=expected,
-                                     ready=ready), timeout)
+        return self.wait(self.submit(instance, events), timeout)
 
-    def submit(
-        self, instance: InstanceRecord, events: Sequence[EventRecord] = (), *, timeout: float = 60,
-        expected: bool = False, ready: Future[Any] | None = None,
-    ) -> Future[bool]:
+    def submit(self, instance: InstanceRecord,
+               events: Sequence[EventRecord] = ()) -> Future[bool]:
         """:meth:`record` without waiting: collect the outcome with :meth:`wait`.
 
         Raises
@@ -368,12 +325,12 @@ class Recorder:
         DatabaseError
             If the recorder is closed.
         """
-        if expected:
-            self.unexpect()
-        if self._closed:
-            raise DatabaseError("recorder is closed")
         fut: Future[bool] = Future()
-        self._queue.put(_Item(instance, tuple(events), fut, ready, timeout))
+        with self._cond:
+            if self._closed:
+                raise DatabaseError("recorder is closed")
+            self._items.append(_Item(instance, tuple(events), fut))
+            self._cond.notify()
         return fut
 
     @staticmethod
@@ -392,95 +349,61 @@ class Recorder:
 
     def audit(self, *events: EventRecord) -> None:
         """Queue audit events for the next transaction (not waited for)."""
-        if not self._closed:
-            self._queue.put(_Item(None, events, None))
+        with self._cond:
+            if not self._closed:
+                self._events.extend(events)
+                self._cond.notify()
 
     def close(self, timeout: float = 30) -> None:
         """Write what is queued, then stop the thread."""
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put(None)
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify()
         self._thread.join(timeout)
         close = getattr(self._write, "close", None)
         if close is not None and not self._thread.is_alive():
             close()  # e.g. InstanceWriter's connection
 
     def _run(self) -> None:
-        stop = False
-        while not stop:
-            first = self._queue.get()
-            if first is None:
-                break
-            items = [first]
-            n = 1 if first.instance else 0
-            while n < self._max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                items.append(nxt)
-                n += 1 if nxt.instance else 0
-            deadline = time.monotonic() + self._linger
-            while not stop and n and n < self._max_batch and self._coming > 0:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                try:
-                    nxt = self._queue.get(timeout=left)
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                items.append(nxt)
-                n += 1 if nxt.instance else 0
-            self._flush(items)
-
-    def _flush(self, items: list[_Item]) -> None:
         while True:
-            waiting = [it for it in items if it.instance is not None]
-            instances = [it.instance for it in waiting if it.instance is not None]
-            events = [ev for it in items for ev in it.events]
-            pending = [it for it in waiting if it.ready is not None]
+            with self._cond:
+                while not (self._items or self._events):
+                    if self._closed:
+                        return
+                    self._cond.wait()
+            taken = False
             try:
-                results = self._write(instances, events,
-                                      partial(_await_ready, pending) if pending else None)
-            except _NotReady as exc:
-                failed = {id(it) for it, _ in exc.failed}
-                for it, why in exc.failed:
-                    assert it.future is not None
-                    it.future.set_exception(DatabaseError(f"not recorded, its file was not "
-                                                          f"stored: {why}"))
-                items = [it for it in items if id(it) not in failed]
-                continue  # the others again, without the failed ones
-            except Exception as exc:
-                err = exc if isinstance(exc, DatabaseError) else DatabaseError(str(exc))
-                if not waiting:
-                    log.warning("could not record %d audit events: %s", len(events), err)
-                for it in waiting:
-                    assert it.future is not None
-                    it.future.set_exception(err)
-                return
-            for it, is_new in zip(waiting, results, strict=True):
-                assert it.future is not None
-                it.future.set_result(is_new)
-            return
+                with self._turn():
+                    batch, events = self._take()  # with what came while the turn was awaited
+                    taken = True
+                    self._flush(batch, events)
+            except Exception as exc:  # no turn to write (e.g. its lock file): say so
+                if not taken:
+                    batch, events = self._take()
+                    self._fail(batch, events, exc)
 
+    def _take(self) -> tuple[list[_Item], list[EventRecord]]:
+        with self._cond:
+            batch, self._items = self._items[:self._max_batch], self._items[self._max_batch:]
+            events, self._events = self._events, []
+        return batch, events
 
-def _await_ready(items: Sequence[_Item]) -> None:
-    """``before_commit`` of a batch: every record's file is in place, or :class:`_NotReady`."""
-    failed: list[tuple[_Item, BaseException]] = []
-    for it in items:
-        assert it.ready is not None
+    def _flush(self, batch: list[_Item], events: list[EventRecord]) -> None:
+        events = [ev for it in batch for ev in it.events] + events
         try:
-            it.ready.result(timeout=it.timeout)
-        except TimeoutError:
-            failed.append((it, TimeoutError(f"not in place within {it.timeout:g} s")))
+            results = self._write([it.instance for it in batch], events)
         except Exception as exc:
-            failed.append((it, exc))
-    if failed:
-        raise _NotReady(failed)
+            self._fail(batch, events, exc)
+            return
+        for it, is_new in zip(batch, results, strict=True):
+            it.future.set_result(is_new)
+
+    @staticmethod
+    def _fail(batch: list[_Item], events: list[EventRecord], exc: Exception) -> None:
+        err = exc if isinstance(exc, DatabaseError) else DatabaseError(str(exc))
+        if not batch:
+            log.warning("could not record %d audit events: %s", len(events), err)
+        for it in batch:
+            it.future.set_exception(err)

@@ -38,7 +38,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -374,16 +373,10 @@ class StorageSCP:
         refuse = partial(self._refuse, rq.assoc_id, rq.calling_ae, rq.address)
         if self.closing:
             return refuse(STATUS_SHUTTING_DOWN, "node shutting down", rq_uid)
-        self.recorder.expect()  # concurrent associations' commits may wait for this one
-        announced = [True]
-        try:
-            return self._check_and_record(rq, refuse, announced)
-        finally:
-            if announced[0]:
-                self.recorder.unexpect()
+        return self._check_and_record(rq, refuse)
 
-    def _check_and_record(self, rq: StoreRequest, refuse: Callable[[int, str, str], int],
-                          announced: list[bool]) -> int:
+    def _check_and_record(self, rq: StoreRequest,
+                          refuse: Callable[[int, str, str], int]) -> int:
         rq_class, rq_uid, tmp = rq.sop_class_uid, rq.sop_instance_uid, rq.path
         # The fields the database needs straight from the received bytes where the encoding
         # is a common one; pydicom reads (and judges) anything else.
@@ -432,25 +425,18 @@ class StorageSCP:
                             study_instance_uid=record.study_instance_uid,
                             series_instance_uid=record.series_instance_uid,
                             sop_instance_uid=record.sop_instance_uid)
-        # The record's statements run in the recorder's thread while this one makes the file
-        # durable: its fsync, then the rename (``placed``: only now may the record commit),
-        # then the folder's fsync while the record commits. Success once both are durable.
-        placed: Future[Path] = Future()
-        announced[0] = False
-        try:
-            recorded = self.recorder.submit(record, (audit,), expected=True, ready=placed,
-                                            timeout=self.config.dicom.dimse_timeout)
-        except DatabaseError as exc:
-            return refuse(STATUS_DB_UNAVAILABLE, f"not recorded: {exc}", rq_uid)
+        # The file's fsync, then the rename; then the record is written (group commit, in
+        # the recorder's thread) while this thread fsyncs the folder. Success once both
+        # are durable.
         try:
             self.spool.sync(tmp)  # the file's data is on disk before it takes its name
             final = self.spool.place(tmp, relpath)
         except SpoolError as exc:
-            placed.set_exception(exc)  # the record is left out of its transaction
-            with contextlib.suppress(DatabaseError):
-                self.recorder.wait(recorded, self.config.dicom.dimse_timeout)
             return refuse(STATUS_OUT_OF_RESOURCES, str(exc), rq_uid)
-        placed.set_result(final)
+        try:
+            recorded = self.recorder.submit(record, (audit,))
+        except DatabaseError as exc:
+            return refuse(STATUS_DB_UNAVAILABLE, f"not recorded: {exc}", rq_uid)
         dir_error: SpoolError | None = None
         try:
             self.spool.sync_dir(final.parent, relpath)

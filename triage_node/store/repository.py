@@ -462,7 +462,6 @@ def record_batch(
     session_factory: sessionmaker[Session],
     instances: Sequence[InstanceRecord],
     events: Sequence[EventRecord] = (),
-    before_commit: Callable[[], None] | None = None,
     *,
     _series_ids: dict[str, int] | None = None,
 ) -> list[bool]:
@@ -487,10 +486,6 @@ def record_batch(
         The instances to record, timezone-aware ``received_at``.
     events : sequence of EventRecord, optional
         Audit events committed in the same transaction.
-    before_commit : callable, optional
-        Called after the statements, before the commit; if it raises, the transaction is
-        rolled back and its exception propagates unchanged (the ingest path waits here for
-        the files to be in place, so their fsync overlaps the statements).
 
     Returns
     -------
@@ -552,8 +547,6 @@ def record_batch(
                 )
         if checked_events:
             session.execute(sa.insert(_EVENT), [_event_row(e) for e in checked_events])
-        if before_commit is not None:
-            before_commit()
 
     return [
         r.sop_instance_uid in new_uids and first_index[r.sop_instance_uid] == i
@@ -574,16 +567,16 @@ class InstanceWriter:
     gone) takes :func:`record_batch`. On PostgreSQL both paths take the same per-series
     advisory locks.
 
-    Called as ``writer(instances, events, before_commit)``: the
+    Called as ``writer(instances, events)``: the
     :data:`triage_node.ingest.BatchWriter` contract; returns and raises like
     :func:`record_batch`. Not thread-safe: one writer per thread. It keeps one connection
     checked out between batches (no pool round trip per slice), and drops it after any
     error, so an outage ends with a fresh connection.
 
     On a SQLite file, writers (the node's receiving processes) take turns through an
-    exclusive ``flock`` of ``<database>-writers.lock`` around each transaction: a writer
-    waiting there wakes the moment the other commits, where SQLite's busy handler would
-    sleep 1 to 100 ms between tries (its transaction waits for files to be fsynced).
+    exclusive ``flock`` of ``<database>-writers.lock`` around each transaction
+    (:meth:`turn`): a writer waiting there wakes the moment the other commits, where
+    SQLite's busy handler would sleep 1 to 100 ms between tries.
     """
 
     #: Series ids remembered at most (a scanner sends a few series at a time).
@@ -599,21 +592,30 @@ class InstanceWriter:
         database = sqlite_file(self._engine.url) if not self._pg else None
         self._lock_path = database.with_name(database.name + "-writers.lock") if database else None
         self._lock_fd: int | None = None
+        self._turns = 0
 
     def __call__(
         self,
         instances: Sequence[InstanceRecord],
         events: Sequence[EventRecord] = (),
-        before_commit: Callable[[], None] | None = None,
     ) -> list[bool]:
-        with self._turn():
-            return self._write(instances, events, before_commit)
+        with self.turn():
+            return self._write(instances, events)
 
     @contextmanager
-    def _turn(self) -> Iterator[None]:
-        """This process's turn to write (SQLite files only; see the class docstring)."""
-        if self._lock_path is None:
-            yield
+    def turn(self) -> Iterator[None]:
+        """This process's turn to write (SQLite files only; see the class docstring).
+
+        Re-entrant: a caller that holds it (:class:`triage_node.ingest.Recorder`, while it
+        picks a batch) writes with it. Raises :class:`DatabaseError` if the lock file
+        cannot be opened.
+        """
+        if self._lock_path is None or self._turns:
+            self._turns += 1
+            try:
+                yield
+            finally:
+                self._turns -= 1
             return
         if self._lock_fd is None:
             try:
@@ -621,34 +623,33 @@ class InstanceWriter:
             except OSError as error:
                 raise DatabaseError(f"cannot open {self._lock_path}: {error}") from error
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        self._turns += 1
         try:
             yield
         finally:
+            self._turns -= 1
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _write(
         self,
         instances: Sequence[InstanceRecord],
         events: Sequence[EventRecord],
-        before_commit: Callable[[], None] | None,
     ) -> list[bool]:
         uids = [r.series_instance_uid for r in instances]
         if all(u in self._series_ids for u in uids) and len(
                 {r.sop_instance_uid for r in instances}) == len(instances):
             try:
-                return self._fast(instances, events, before_commit)
+                return self._fast(instances, events)
             except _SeriesGone:
                 self._series_ids.clear()
         if len(self._series_ids) > self.MAX_SERIES:
             self._series_ids.clear()
-        return record_batch(self._factory, instances, events, before_commit,
-                            _series_ids=self._series_ids)
+        return record_batch(self._factory, instances, events, _series_ids=self._series_ids)
 
     def _fast(
         self,
         instances: Sequence[InstanceRecord],
         events: Sequence[EventRecord],
-        before_commit: Callable[[], None] | None,
     ) -> list[bool]:
         checked = [_check_instance(r, i) for i, r in enumerate(instances)]
         checked_events = [_check_event(e, i) for i, e in enumerate(events)]
@@ -657,7 +658,7 @@ class InstanceWriter:
             with database_errors(self._engine.url, action):
                 if self._conn is None:
                     self._conn = self._engine.connect()
-                return self._fast_in(self._conn, checked, checked_events, before_commit)
+                return self._fast_in(self._conn, checked, checked_events)
         except BaseException:
             if self._conn is not None:
                 with suppress(Exception):
@@ -679,7 +680,6 @@ class InstanceWriter:
         conn: sa.Connection,
         checked: Sequence[InstanceRecord],
         checked_events: Sequence[EventRecord],
-        before_commit: Callable[[], None] | None,
     ) -> list[bool]:
         """The fast path's transaction: SQLAlchemy begins and commits it; the statements,
         compiled once (:class:`_Precompiled`), go straight to the driver's cursor, which
@@ -727,8 +727,6 @@ class InstanceWriter:
                 raise exc.DBAPIError.instance(None, None, error, dbapi.Error) from error
             finally:
                 cursor.close()
-            if before_commit is not None:
-                before_commit()
         return [r.sop_instance_uid in new for r in checked]
 
 
