@@ -870,6 +870,24 @@ def test_instance_writer_fast_path_statements(
     assert statements[-2:] == ["INSERT", "UPDATE"]  # the insert, then the file facts
 
 
+def test_instance_writer_fast_path_failure_records_nothing(
+    session_factory: sessionmaker[Session],
+) -> None:
+    """A statement failing in the fast path's transaction (here the events' insert, after
+    the instances' insert and the series update) rolls all of it back; the next batch is
+    written on a fresh connection."""
+    write = InstanceWriter(session_factory)
+    write([instance("6.0")])  # the series is known: the next batches take the fast path
+    with session_factory.begin() as session:
+        session.execute(sa.text("DROP TABLE event"))
+    with pytest.raises(DatabaseError, match="event"):
+        write([instance("6.1"), instance("6.2")], [event()])
+    assert count_instances(session_factory) == 1
+    assert write([instance("6.1")]) == [True]
+    assert count_instances(session_factory) == 2
+    write.close()
+
+
 def test_row_keys_cover_the_rows() -> None:
     """The fast path's precompiled statements name exactly the columns the rows carry."""
     from triage_node.store import repository

@@ -681,52 +681,63 @@ class InstanceWriter:
         checked: Sequence[InstanceRecord],
         checked_events: Sequence[EventRecord],
     ) -> list[bool]:
-        """The fast path's transaction: SQLAlchemy begins and commits it; the statements,
-        compiled once (:class:`_Precompiled`), go straight to the driver's cursor, which
-        saves most of the CPU a slice costs here (the handler threads need the GIL then)."""
+        """The fast path's transaction, on the driver's connection itself: BEGIN (IMMEDIATE on
+        SQLite, as every transaction of ours there), the statements compiled once
+        (:class:`_Precompiled`) on its cursor, COMMIT; ROLLBACK on any error. Going past
+        SQLAlchemy's statement and transaction layers saves most of the CPU a slice costs
+        here (0.10 -> 0.07 ms a single-slice batch; the handler threads need the GIL too)."""
         if self._raw is None:
             self._raw = _RawStatements(conn.dialect)
         raw = self._raw
         ids = self._series_ids
         dbapi = conn.dialect.loaded_dbapi
-        with conn.begin():
-            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-            try:
-                if self._pg and checked:
-                    keys = sorted({_series_lock_key(r.series_instance_uid) for r in checked})
-                    raw.locks.run(cursor, {"namespace": _SERIES_LOCK_NAMESPACE, "keys": keys})
-                new: set[str] = set()
-                for r in sorted(checked, key=lambda r: r.sop_instance_uid):
-                    try:
-                        raw.insert.run(cursor, _instance_row(r, ids[r.series_instance_uid]))
-                    except dbapi.IntegrityError as error:  # the series row is gone
-                        raise _SeriesGone() from error
-                    new.update(row[0] for row in cursor.fetchall())
-                for r in checked:
-                    if r.sop_instance_uid not in new:  # a re-send: the row follows the file
-                        raw.refresh.run(cursor, {"uid": r.sop_instance_uid, "fp": r.file_path,
-                                                 "ts": r.transfer_syntax_uid,
-                                                 "size": r.file_size})
-                by_series: dict[str, list[InstanceRecord]] = {}
-                for r in checked:
-                    if r.sop_instance_uid in new:
-                        by_series.setdefault(r.series_instance_uid, []).append(r)
-                for uid in sorted(by_series, key=ids.__getitem__):
-                    recs = by_series[uid]
-                    raw.update.run(cursor, {
-                        "sid": ids[uid],
-                        "first": min(r.received_at for r in recs),
-                        "last": max(r.received_at for r in recs),
-                        "reopen": any(r.state == InstanceState.STORED for r in recs),
-                    })
-                    if cursor.rowcount != 1:
-                        raise _SeriesGone()
-                for e in checked_events:
-                    raw.event.run(cursor, _event_row(e))
-            except dbapi.Error as error:
-                raise exc.DBAPIError.instance(None, None, error, dbapi.Error) from error
-            finally:
-                cursor.close()
+        driver = conn.connection.dbapi_connection
+        assert driver is not None
+        cursor = driver.cursor()
+        committed = False
+        try:
+            if not self._pg:
+                cursor.execute("BEGIN IMMEDIATE")  # psycopg begins by itself
+            if self._pg and checked:
+                keys = sorted({_series_lock_key(r.series_instance_uid) for r in checked})
+                raw.locks.run(cursor, {"namespace": _SERIES_LOCK_NAMESPACE, "keys": keys})
+            new: set[str] = set()
+            for r in sorted(checked, key=lambda r: r.sop_instance_uid):
+                try:
+                    raw.insert.run(cursor, _instance_row(r, ids[r.series_instance_uid]))
+                except dbapi.IntegrityError as error:  # the series row is gone
+                    raise _SeriesGone() from error
+                new.update(row[0] for row in cursor.fetchall())
+            for r in checked:
+                if r.sop_instance_uid not in new:  # a re-send: the row follows the file
+                    raw.refresh.run(cursor, {"uid": r.sop_instance_uid, "fp": r.file_path,
+                                             "ts": r.transfer_syntax_uid,
+                                             "size": r.file_size})
+            by_series: dict[str, list[InstanceRecord]] = {}
+            for r in checked:
+                if r.sop_instance_uid in new:
+                    by_series.setdefault(r.series_instance_uid, []).append(r)
+            for uid in sorted(by_series, key=ids.__getitem__):
+                recs = by_series[uid]
+                raw.update.run(cursor, {
+                    "sid": ids[uid],
+                    "first": min(r.received_at for r in recs),
+                    "last": max(r.received_at for r in recs),
+                    "reopen": any(r.state == InstanceState.STORED for r in recs),
+                })
+                if cursor.rowcount != 1:
+                    raise _SeriesGone()
+            for e in checked_events:
+                raw.event.run(cursor, _event_row(e))
+            driver.commit()
+            committed = True
+        except dbapi.Error as error:
+            raise exc.DBAPIError.instance(None, None, error, dbapi.Error) from error
+        finally:
+            if not committed:
+                with suppress(Exception):
+                    driver.rollback()
+            cursor.close()
         return [r.sop_instance_uid in new for r in checked]
 
 
