@@ -44,7 +44,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import nodeproc  # noqa: E402
 from dicomfiles import make_ct_series  # noqa: E402
-from nodeproc import DCMTK_ENV, free_port, wait_port, write_config  # noqa: E402
+from nodeproc import (  # noqa: E402
+    DCMTK_ENV,
+    free_port,
+    wait_listening,
+    wait_port,
+    write_config,
+)
 
 from triage_node.spool import Spool  # noqa: E402
 
@@ -137,12 +143,11 @@ class Ours:
         cfg = write_config(self.work / "config.toml", port=self.port, spool=self.work / "spool",
                            database_url=f"sqlite:///{self.work / 'node.db'}",
                            processes=self.processes)
-        cfg.write_text(cfg.read_text().replace('level = "DEBUG"', 'level = "WARNING"'))
+        cfg.write_text(cfg.read_text().replace('level = "DEBUG"', 'level = "INFO"'))
         self.log = (self.work / "node.log").open("wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "triage_node.cli", "scp", "--config",
                                       str(cfg)], stdout=self.log, stderr=subprocess.STDOUT)
-        wait_port(self.port, self.proc)
-        time.sleep(1.0)  # let every receiving process bind before timing
+        wait_listening(self.work / "node.log", self.proc)  # every receiving process listens
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from dicomfiles import make_ct_series  # noqa: E402
-from nodeproc import DCMTK_ENV, free_port, wait_port, write_config  # noqa: E402
+from nodeproc import DCMTK_ENV, free_port, wait_listening, write_config  # noqa: E402
 
 from triage_node import store  # noqa: E402
 
@@ -72,13 +72,12 @@ def main() -> int:
     db = f"sqlite:///{work / 'node.db'}"
     cfg = write_config(work / "config.toml", port=port, spool=work / "spool", database_url=db,
                        processes=os.cpu_count() or 1)
-    cfg.write_text(cfg.read_text().replace('level = "DEBUG"', 'level = "WARNING"'))
+    cfg.write_text(cfg.read_text().replace('level = "DEBUG"', 'level = "INFO"'))
     with (work / "scp.log").open("wb") as log:
         scp = subprocess.Popen([sys.executable, "-m", "triage_node.cli", "scp", "--config",
                                 str(cfg)], stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_port(port, scp)
-        time.sleep(1.0)  # every receiving process bound
+        wait_listening(work / "scp.log", scp)  # every receiving process listens
         t0 = time.perf_counter()
         procs = [subprocess.Popen(["/usr/bin/storescu", "-aec", "ICHTRIAGE", "127.0.0.1",
                                    str(port), *map(str, g)], env=DCMTK_ENV,

@@ -42,6 +42,20 @@ def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: f
     raise TimeoutError(f"nothing listening on port {port} after {timeout} s")
 
 
+def wait_listening(log: Path, proc: subprocess.Popen[bytes], ae: str = "ICHTRIAGE",
+                   timeout: float = 60) -> None:
+    """Wait for the node's "<AE> listening on" line (INFO level): the supervisor writes it
+    once every receiving process accepts associations."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if f"{ae} listening on" in log.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        time.sleep(0.02)
+    raise TimeoutError(f"no '{ae} listening on' in {log} after {timeout} s")
+
+
 @dataclass
 class NodeProc:
     """A running node and where its state lives."""

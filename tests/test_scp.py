@@ -430,9 +430,41 @@ def test_sigterm_while_receivers_start_exits_cleanly(tmp_path: Path) -> None:
             stdout=fh, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
-        while "receiving processes" not in log.read_text() and time.monotonic() < deadline:
+        while ("starting 2 receiving processes" not in log.read_text()
+               and time.monotonic() < deadline):
             assert proc.poll() is None, log.read_text()
             time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_supervisor_says_listening_once_every_receiver_listens(tmp_path: Path) -> None:
+    """The supervisor's "listening" line (what an operator or a script waits for) comes
+    after each receiving process accepts associations, not when they were started."""
+    cfg = nodeproc.write_config(tmp_path / "config.toml", port=nodeproc.free_port(),
+                                spool=tmp_path / "spool",
+                                database_url=f"sqlite:///{tmp_path / 'node.db'}", processes=2)
+    log = tmp_path / "node.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "triage_node.cli", "scp", "--config", str(cfg)],
+            stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while ("with 2 receiving processes" not in log.read_text()
+               and time.monotonic() < deadline):
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.01)
+        lines = log.read_text().splitlines()
+        ready = next(i for i, line in enumerate(lines) if "with 2 receiving processes" in line)
+        for index in (0, 1):
+            listening = [i for i, line in enumerate(lines)
+                         if f"receiver {index} (pid" in line and "listening" in line]
+            assert listening and listening[0] < ready, "\n".join(lines)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, log.read_text()[-3000:]
     finally:

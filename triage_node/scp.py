@@ -599,8 +599,9 @@ def serve_scp(config: Config, *, host: str | None = None, port: int | None = Non
 # ----------------------------------------------------------------------------- processes
 
 
-def _child_main(config: Config, port: int, index: int) -> None:
-    """Entry point of one receiving process: serve until SIGTERM/SIGINT, then drain."""
+def _child_main(config: Config, port: int, index: int, listening: Any = None) -> None:
+    """Entry point of one receiving process: serve until SIGTERM/SIGINT, then drain.
+    ``listening`` (a multiprocessing Event) is set once this process accepts associations."""
     setup_logging(config.logging.level, json_lines=config.logging.json)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -608,6 +609,8 @@ def _child_main(config: Config, port: int, index: int) -> None:
     running = serve_scp(config, port=port)
     log.info("receiver %d (pid %d) listening on %s:%d", index, os.getpid(), config.dicom.host,
              running.port)
+    if listening is not None:
+        listening.set()
     stop.wait()
     log.info("receiver %d stopping", index)
     running.stop(config.dicom.shutdown_grace)
@@ -663,18 +666,26 @@ def run_scp(config: Config, *, on_ready: Callable[[int], None] | None = None,
     ctx = multiprocessing.get_context("spawn")
     per_process = -(-config.dicom.max_associations // n)
     child_config = _with_max_associations(config, per_process)
+    listening = [ctx.Event() for _ in range(n)]
     specs: list[tuple[str, Callable[..., None], tuple[Any, ...]]] = [
-        (f"scp-{i}", _child_main, (child_config, port, i)) for i in range(n)
+        (f"scp-{i}", _child_main, (child_config, port, i, listening[i])) for i in range(n)
     ] + [(name, fn, (config,)) for name, fn in extra_children]
+    log.info("starting %d receiving processes", n)
     procs: list[Any] = []
     for name, target, child_args in specs:
         p = ctx.Process(target=target, args=child_args, name=name)
         p.start()
         procs.append(p)
-    log.info("%s listening on %s:%d with %d receiving processes", config.dicom.ae_title,
-             config.dicom.host, port, n)
-    if on_ready:
-        on_ready(port)
+    # Ready once every receiver accepts associations (one that died starting is restarted
+    # by the loop below and not waited for here).
+    while not stop.is_set() and not all(ev.is_set() or not p.is_alive()
+                                        for ev, p in zip(listening, procs, strict=False)):
+        stop.wait(0.02)
+    if not stop.is_set():
+        log.info("%s listening on %s:%d with %d receiving processes", config.dicom.ae_title,
+                 config.dicom.host, port, n)
+        if on_ready:
+            on_ready(port)
     restarts = 0
     while not stop.wait(0.5):
         for i, p in enumerate(procs):
