@@ -14,10 +14,11 @@ association threads and event handlers, kept as the reference). Either writes th
 into a file in ``<spool>/.incoming`` as it arrives (no decode, no re-encode) and hands
 :meth:`StorageSCP.store` a :class:`~triage_node.ulserver.StoreRequest`.
 
-Per instance (:meth:`StorageSCP.store`): ``fsync`` of the file, overlapped with the
-header-only parse and checks -> atomic rename into place -> directory ``fsync``, overlapped
-with the record's commit (group commit with concurrent associations) -> 0x0000 once both
-are done. Any failure on the way answers a specific failure status and logs why.
+Per instance (:meth:`StorageSCP.store`): header-only parse and checks -> ``fsync`` of the
+file (its writeback started while it arrived) -> atomic rename into place -> directory
+``fsync``, while the recorder thread commits the record (group commit with concurrent
+associations) -> 0x0000 once both are done. Any failure on the way answers a specific
+failure status and logs why.
 
 SIGTERM: stop listening, give associations ``dicom.shutdown_grace`` seconds to finish,
 abort the rest (their unacknowledged instances are re-sent by the scanner), wait for
