@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import nodeproc
@@ -417,9 +419,11 @@ def test_sigterm_mid_transfer_loses_nothing_acknowledged(tmp_path: Path, process
     shutil.rmtree(tmp_path / "in")
 
 
-def test_sigterm_while_receivers_start_exits_cleanly(tmp_path: Path) -> None:
-    """SIGTERM as soon as the supervisor has started its receivers, before they listen:
-    nothing was received, so it is a clean stop (exit 0), not a failure."""
+@contextlib.contextmanager
+def _two_receivers(tmp_path: Path,
+                   until: str) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """``triage-node scp`` with two receiving processes, once its log says ``until``;
+    SIGTERM must then stop it with exit 0."""
     cfg = nodeproc.write_config(tmp_path / "config.toml", port=nodeproc.free_port(),
                                 spool=tmp_path / "spool",
                                 database_url=f"sqlite:///{tmp_path / 'node.db'}", processes=2)
@@ -430,10 +434,10 @@ def test_sigterm_while_receivers_start_exits_cleanly(tmp_path: Path) -> None:
             stdout=fh, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
-        while ("starting 2 receiving processes" not in log.read_text()
-               and time.monotonic() < deadline):
+        while until not in log.read_text() and time.monotonic() < deadline:
             assert proc.poll() is None, log.read_text()
             time.sleep(0.01)
+        yield proc, log
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, log.read_text()[-3000:]
     finally:
@@ -442,35 +446,23 @@ def test_sigterm_while_receivers_start_exits_cleanly(tmp_path: Path) -> None:
             proc.wait()
 
 
+def test_sigterm_while_receivers_start_exits_cleanly(tmp_path: Path) -> None:
+    """SIGTERM as soon as the supervisor has started its receivers, before they listen:
+    nothing was received, so it is a clean stop (exit 0), not a failure."""
+    with _two_receivers(tmp_path, "starting 2 receiving processes"):
+        pass
+
+
 def test_supervisor_says_listening_once_every_receiver_listens(tmp_path: Path) -> None:
     """The supervisor's "listening" line (what an operator or a script waits for) comes
     after each receiving process accepts associations, not when they were started."""
-    cfg = nodeproc.write_config(tmp_path / "config.toml", port=nodeproc.free_port(),
-                                spool=tmp_path / "spool",
-                                database_url=f"sqlite:///{tmp_path / 'node.db'}", processes=2)
-    log = tmp_path / "node.log"
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "triage_node.cli", "scp", "--config", str(cfg)],
-            stdout=fh, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while ("with 2 receiving processes" not in log.read_text()
-               and time.monotonic() < deadline):
-            assert proc.poll() is None, log.read_text()
-            time.sleep(0.01)
+    with _two_receivers(tmp_path, "with 2 receiving processes") as (_, log):
         lines = log.read_text().splitlines()
         ready = next(i for i, line in enumerate(lines) if "with 2 receiving processes" in line)
         for index in (0, 1):
             listening = [i for i, line in enumerate(lines)
                          if f"receiver {index} (pid" in line and "listening" in line]
             assert listening and listening[0] < ready, "\n".join(lines)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0, log.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def _pg_admin(url: str):
