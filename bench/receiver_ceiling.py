@@ -31,14 +31,10 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    MaximumLengthNotification,
-)
-from pynetdicom.presentation import build_context, negotiate_as_acceptor
+from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import CTImageStorage, Verification
+
+from triage_node.ulserver import decode_associate_rq, pynetdicom_accept
 
 SUPPORTED = [
     build_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]),
@@ -103,24 +99,9 @@ def serve(conn):
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     hdr = recv_exact(conn, 6)
     _, _, n = struct.unpack(">BBL", hdr)
-    rq = A_ASSOCIATE_RQ()
-    rq.decode(bytes(hdr + recv_exact(conn, n)))
-    prim = rq.to_primitive()
-    result, _ = negotiate_as_acceptor(prim.presentation_context_definition_list, SUPPORTED)
-    ac = A_ASSOCIATE()
-    ac.application_context_name = prim.application_context_name
-    ac.calling_ae_title = prim.calling_ae_title
-    ac.called_ae_title = prim.called_ae_title
-    ac.result = 0x00
-    ac.presentation_context_definition_results_list = result
-    ml = MaximumLengthNotification()
-    ml.maximum_length_received = 4 * 1024 * 1024
-    ic = ImplementationClassUIDNotification()
-    ic.implementation_class_uid = "1.2.826.0.1.3680043.9.9999"
-    ac.user_information = [ml, ic]
-    pdu = A_ASSOCIATE_AC()
-    pdu.from_primitive(ac)
-    conn.sendall(pdu.encode())
+    prim = decode_associate_rq(bytes(hdr + recv_exact(conn, n)))
+    ac, _, _ = pynetdicom_accept(prim, SUPPORTED, 4 * 1024 * 1024)
+    conn.sendall(ac)
     cmd = bytearray()
     f = None
     tmp = None

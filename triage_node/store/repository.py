@@ -610,25 +610,27 @@ class InstanceWriter:
         picks a batch) writes with it. Raises :class:`DatabaseError` if the lock file
         cannot be opened.
         """
-        if self._lock_path is None or self._turns:
-            self._turns += 1
-            try:
-                yield
-            finally:
-                self._turns -= 1
-            return
-        if self._lock_fd is None:
-            try:
-                self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-            except OSError as error:
-                raise DatabaseError(f"cannot open {self._lock_path}: {error}") from error
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        lock = None
+        if self._lock_path is not None and not self._turns:  # not held yet: take it
+            lock = self._lock_fd_for_turn()
+            fcntl.flock(lock, fcntl.LOCK_EX)
         self._turns += 1
         try:
             yield
         finally:
             self._turns -= 1
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            if lock is not None:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _lock_fd_for_turn(self) -> int:
+        """The open lock file (opened once)."""
+        if self._lock_fd is None:
+            assert self._lock_path is not None
+            try:
+                self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as error:
+                raise DatabaseError(f"cannot open {self._lock_path}: {error}") from error
+        return self._lock_fd
 
     def _write(
         self,
