@@ -192,3 +192,99 @@ def test_recorder_without_a_turn_fails_the_records_and_goes_on(tmp_path: Path) -
     assert recorder.record(rec, timeout=5) is True
     recorder.close()
     assert writer.batches == [(1, 0)]
+
+
+class _StagingWriter(_Writer):
+    """A writer with ``stage``: batches staged (in the caller's thread) and committed."""
+
+    def __init__(self, decline: bool = False, fail: bool = False) -> None:
+        super().__init__()
+        self.decline = decline
+        self.stage_fails = fail
+        self.staged: list[tuple[str, str]] = []  # (what happened, thread name)
+
+    def stage(self, instances: Sequence[InstanceRecord],
+              events: Sequence[EventRecord]) -> _Staged | None:
+        if self.stage_fails:
+            raise DatabaseError("database is down")
+        if self.decline:
+            return None
+        self.staged.append(("staged", threading.current_thread().name))
+        return _Staged(self, len(instances), len(events))
+
+
+class _Staged:
+    def __init__(self, writer: _StagingWriter, n: int, events: int) -> None:
+        self.writer, self.n, self.events = writer, n, events
+
+    def commit(self) -> list[bool]:
+        self.writer.staged.append(("committed", threading.current_thread().name))
+        self.writer.batches.append((self.n, self.events))
+        return [True] * self.n
+
+    def rollback(self) -> None:
+        self.writer.staged.append(("rolled back", threading.current_thread().name))
+
+
+def test_staged_record_is_written_in_the_callers_thread_and_holds_the_recorder(
+        tmp_path: Path) -> None:
+    """A record staged while the writer is free is written and committed in the caller's
+    thread; the recorder's thread waits meanwhile, then writes what was submitted."""
+    rec = _record(make_instance(tmp_path / "a.dcm"))
+    writer = _StagingWriter()
+    recorder = Recorder(writer)
+    staged = recorder.stage(rec, [EventRecord(EventKind.INSTANCE_STORED, utcnow())])
+    assert staged is not None
+    queued = recorder.submit(rec)
+    time.sleep(0.2)
+    assert not queued.done(), "the recorder waits while a record is staged"
+    assert staged.commit() is True
+    assert Recorder.wait(queued, 5) is True
+    me = threading.current_thread().name
+    assert writer.staged == [("staged", me), ("committed", me)]
+    assert writer.batches == [(1, 1), (1, 0)]
+    with pytest.raises(DatabaseError, match="already"):
+        staged.commit()
+    staged.rollback()  # does nothing once ended
+    recorder.close()
+
+
+def test_stage_declines_when_records_wait_or_the_writer_is_busy(tmp_path: Path) -> None:
+    """Nothing is staged while the recorder's thread writes or records are queued (they
+    are older), nor when the writer declines; a rolled-back record frees the recorder."""
+    rec = _record(make_instance(tmp_path / "a.dcm"))
+    writer = _StagingWriter()
+    writer.delay = 0.5
+    recorder = Recorder(writer)
+    first = recorder.submit(rec)
+    time.sleep(0.1)  # the recorder's thread is writing it
+    assert recorder.stage(rec) is None
+    assert Recorder.wait(first, 5) is True
+    writer.delay = 0.0
+    writer.decline = True
+    assert recorder.stage(rec) is None
+    writer.decline = False
+    staged = recorder.stage(rec)
+    assert staged is not None
+    staged.rollback()
+    assert recorder.record(rec, timeout=5) is True, "the recorder writes again"
+    assert [what for what, _ in writer.staged] == ["staged", "rolled back"]
+    assert writer.batches == [(1, 0), (1, 0)]
+    recorder.close()
+    assert recorder.stage(rec) is None, "closed"
+
+
+def test_stage_failure_is_a_database_error_and_frees_the_recorder(tmp_path: Path) -> None:
+    rec = _record(make_instance(tmp_path / "a.dcm"))
+    writer = _StagingWriter(fail=True)
+    recorder = Recorder(writer)
+    with pytest.raises(DatabaseError, match="down"):
+        recorder.stage(rec)
+    assert recorder.record(rec, timeout=5) is True
+    recorder.close()
+
+
+def test_recorder_without_stage_never_stages(tmp_path: Path) -> None:
+    recorder = Recorder(_Writer())
+    assert recorder.stage(_record(make_instance(tmp_path / "a.dcm"))) is None
+    recorder.close()

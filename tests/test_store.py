@@ -10,6 +10,7 @@ import random
 import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -964,3 +965,89 @@ def test_instance_writer_writes_within_its_own_turn(sqlite_url: str) -> None:
         write.close()
     finally:
         engine.dispose()
+
+
+def test_staged_batch_commits_only_when_told(session_factory: sessionmaker[Session]) -> None:
+    """stage() writes a known series' batch without committing it: nobody else sees it
+    until commit(), which answers like a write; rollback() leaves nothing; either ends the
+    batch, and the writer writes again afterwards."""
+    write = InstanceWriter(session_factory)
+    assert write.stage([instance("10.0")]) is None, "a series not written yet: slow path"
+    assert count_instances(session_factory) == 0
+    write([instance("10.0")])
+    staged = write.stage([instance("10.1")], [event()])
+    assert staged is not None
+    assert count_instances(session_factory) == 1, "not visible before the commit"
+    assert staged.commit() == [True]
+    assert count_instances(session_factory) == 2
+    assert len(list_events(session_factory)) == 1
+    with pytest.raises(DatabaseError, match="already ended"):
+        staged.commit()
+
+    dropped = write.stage([instance("10.2")], [event()])
+    assert dropped is not None
+    dropped.rollback()
+    dropped.rollback()  # a second call does nothing
+    assert count_instances(session_factory) == 2
+    assert len(list_events(session_factory)) == 1
+
+    again = write.stage([instance("10.1")])
+    assert again is not None and again.commit() == [False], "a re-send is no new instance"
+    assert write([instance("10.2")]) == [True]
+    assert count_instances(session_factory) == 3
+    write.close()
+
+
+def test_stage_declines_while_another_process_has_the_turn(sqlite_url: str) -> None:
+    """On SQLite, stage() does not wait for another writer's turn: it returns None at once
+    (the caller records later, through the recorder), and holds the turn while staged."""
+    import fcntl
+
+    upgrade(sqlite_url)
+    engine = make_engine(sqlite_url)
+    try:
+        factory = make_session_factory(engine)
+        write = InstanceWriter(factory)
+        write([instance("11.0")])
+        lock = Path(sqlite_url.removeprefix("sqlite:///") + "-writers.lock")
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # another process's turn
+            started = time.monotonic()
+            assert write.stage([instance("11.1")]) is None
+            assert time.monotonic() - started < 0.5
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            staged = write.stage([instance("11.1")])
+            assert staged is not None
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            staged.commit()
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # given back
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+        assert count_instances(factory) == 2
+        write.close()
+    finally:
+        engine.dispose()
+
+
+def test_staged_batch_failing_commit_records_nothing(
+    session_factory: sessionmaker[Session],
+) -> None:
+    """A commit that fails ends the batch with DatabaseError and nothing recorded; the
+    writer goes on with a fresh connection."""
+    write = InstanceWriter(session_factory)
+    write([instance("12.0")])
+    staged = write.stage([instance("12.1")])
+    assert staged is not None
+    assert write._conn is not None
+    conn = write._conn.connection.dbapi_connection
+    assert conn is not None
+    conn.close()  # the connection is lost before the commit
+    with pytest.raises(DatabaseError):
+        staged.commit()
+    assert count_instances(session_factory) == 1
+    assert write([instance("12.1")]) == [True]
+    assert count_instances(session_factory) == 2
+    write.close()

@@ -191,6 +191,62 @@ def test_storescu_with_small_pdus(tmp_path: Path, engine: str) -> None:
         assert store.count_instances(db(node)) == 3
 
 
+def test_staged_record_commits_after_the_rename_or_not_at_all(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process node, dcmtk storescu as the peer. From the second slice of a series on,
+    the record is written before the file's fsync (staged) and committed only once the
+    file has its name: the commit finds the file in place. When the fsync fails, the
+    staged record is rolled back (0xA700, nothing recorded) and the writer is free again:
+    the next slice is stored as usual."""
+    from triage_node.errors import SpoolError
+    from triage_node.ingest import Recorder
+    from triage_node.store.repository import StagedBatch
+
+    sent = make_ct_series(tmp_path / "in", 4, rows=64, cols=64)
+    config = load_config(nodeproc.write_config(
+        tmp_path / "config.toml", port=0, spool=tmp_path / "spool",
+        database_url=f"sqlite:///{tmp_path / 'node.db'}", extra='engine = "native"'))
+    scp.prepare(config)
+    running = scp.serve_scp(config, port=0)
+    spool_root = running.scp.spool.root
+    staged: list[bool] = []
+    in_place_at_commit: list[bool] = []
+    real_stage, real_commit, real_sync = Recorder.stage, StagedBatch.commit, Spool.sync
+
+    def stage(self: Recorder, instance, events=()):  # type: ignore[no-untyped-def]
+        result = real_stage(self, instance, events)
+        staged.append(result is not None)
+        if result is not None:
+            assert not (spool_root / instance.file_path).exists(), "staged before the rename"
+        return result
+
+    def commit(self: StagedBatch) -> list[bool]:
+        paths = [p for p in spool_root.rglob("*.dcm") if ".incoming" not in p.parts]
+        in_place_at_commit.append(len(paths))
+        return real_commit(self)
+
+    def sync(self: Spool, tmp: Path) -> None:
+        if len(staged) == 3:  # the third slice's file cannot be synced
+            raise SpoolError("I/O error")
+        real_sync(self, tmp)
+
+    monkeypatch.setattr(Recorder, "stage", stage)
+    monkeypatch.setattr(StagedBatch, "commit", commit)
+    monkeypatch.setattr(Spool, "sync", sync)
+    try:
+        out = storescu(running.port, sent, extra=("--no-halt",))
+    finally:
+        running.stop(5.0)
+    assert out.stderr.count("(Success)") == 3, out.stderr[-2000:]
+    assert "OutOfResources" in out.stderr, out.stderr[-2000:]
+    # the fourth may find the recorder writing the refusal's audit event, and not stage
+    assert staged[:3] == [False, True, True], "the first slice of a series is not staged"
+    assert in_place_at_commit == ([2, 3] if staged[3] else [2]), "commits find their files"
+    factory = store.make_session_factory(store.make_engine(f"sqlite:///{tmp_path / 'node.db'}"))
+    assert store.count_instances(factory) == 3
+    assert not any(running.scp.spool.incoming.iterdir())
+
+
 def test_native_writes_large_datasets_back_early_and_leaves_no_files(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process native server, dcmtk storescu as the peer: a 512 KiB slice starts its

@@ -302,6 +302,9 @@ class Recorder:
         self._items: list[_Item] = []
         self._events: list[EventRecord] = []
         self._closed = False
+        #: held by whoever uses the writer: the recorder's thread, or a handler's stage()
+        self._writing = threading.Lock()
+        self._stage: Callable[..., Any] | None = getattr(write_batch, "stage", None)
         self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
         self._thread.start()
 
@@ -332,6 +335,37 @@ class Recorder:
             self._items.append(_Item(instance, tuple(events), fut))
             self._cond.notify()
         return fut
+
+    def stage(self, instance: InstanceRecord,
+              events: Sequence[EventRecord] = ()) -> StagedRecord | None:
+        """Write a record now, in the caller's thread, and commit it later: for a caller
+        whose record may not commit yet (its file's ``fsync`` and rename are still to
+        come) and who would rather write it while the disk works than after.
+
+        Only when the writer is free this moment (nothing queued, the recorder's thread
+        not writing, the writer's ``stage`` able to start at once): None otherwise, with
+        nothing written, and the caller :meth:`submit` s the record when it may commit.
+        While staged, the recorder's thread waits: end it soon with
+        :meth:`StagedRecord.commit` or :meth:`StagedRecord.rollback`.
+
+        Raises
+        ------
+        DatabaseError
+            If the writer failed (nothing is written).
+        """
+        if self._stage is None or not self._writing.acquire(blocking=False):
+            return None
+        try:
+            with self._cond:
+                busy = bool(self._items) or self._closed  # queued records go first
+            staged = None if busy else self._stage([instance], events)
+        except Exception as exc:
+            self._writing.release()
+            raise exc if isinstance(exc, DatabaseError) else DatabaseError(str(exc)) from exc
+        if staged is None:
+            self._writing.release()
+            return None
+        return StagedRecord(staged, self._writing)
 
     @staticmethod
     def wait(recorded: Future[bool], timeout: float = 60) -> bool:
@@ -374,15 +408,16 @@ class Recorder:
                         return
                     self._cond.wait()
             taken = False
-            try:
-                with self._turn():
-                    batch, events = self._take()  # with what came while the turn was awaited
-                    taken = True
-                    self._flush(batch, events)
-            except Exception as exc:  # no turn to write (e.g. its lock file): say so
-                if not taken:
-                    batch, events = self._take()
-                    self._fail(batch, events, exc)
+            with self._writing:
+                try:
+                    with self._turn():
+                        batch, events = self._take()  # with what came while it waited
+                        taken = True
+                        self._flush(batch, events)
+                except Exception as exc:  # no turn to write (e.g. its lock file): say so
+                    if not taken:
+                        batch, events = self._take()
+                        self._fail(batch, events, exc)
 
     def _take(self) -> tuple[list[_Item], list[EventRecord]]:
         with self._cond:
@@ -407,3 +442,43 @@ class Recorder:
             log.warning("could not record %d audit events: %s", len(events), err)
         for it in batch:
             it.future.set_exception(err)
+
+
+class StagedRecord:
+    """A record :meth:`Recorder.stage` wrote and has not committed; ends with exactly one
+    of :meth:`commit` and :meth:`rollback` (later calls do nothing), which lets the
+    recorder write again."""
+
+    def __init__(self, batch: Any, writing: threading.Lock) -> None:
+        self._batch = batch
+        self._writing: threading.Lock | None = writing
+
+    def commit(self) -> bool:
+        """Commit; True if the instance was new.
+
+        Raises
+        ------
+        DatabaseError
+            If the commit failed: nothing is recorded.
+        """
+        writing, self._writing = self._writing, None
+        if writing is None:
+            raise DatabaseError("this record was already committed or rolled back")
+        try:
+            return bool(self._batch.commit()[0])
+        except DatabaseError:
+            raise
+        except Exception as exc:
+            raise DatabaseError(str(exc)) from exc
+        finally:
+            writing.release()
+
+    def rollback(self) -> None:
+        """Drop the record: nothing of it is recorded."""
+        writing, self._writing = self._writing, None
+        if writing is None:
+            return
+        try:
+            self._batch.rollback()
+        finally:
+            writing.release()

@@ -39,6 +39,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -189,6 +190,9 @@ class ReusePortServer(ThreadedAssociationServer):
         """Nothing to wait for: pynetdicom's abort returns once the association is down."""
         return True
 
+    def close(self) -> None:
+        """Nothing more to release (:meth:`shutdown` closed the socket)."""
+
 
 @dataclass
 class _AssocStats:
@@ -237,6 +241,22 @@ class StorageSCP:
         self.draining = False
         #: set when the grace is over: stores not yet started are refused, then abort
         self.closing = False
+        self._folder_sync: ThreadPoolExecutor | None = None
+
+    def _folder_syncer(self) -> ThreadPoolExecutor:
+        """The thread that fsyncs a folder while a handler commits a staged record (one
+        record is staged at a time per process)."""
+        with self._cond:
+            if self._folder_sync is None:
+                self._folder_sync = ThreadPoolExecutor(1, thread_name_prefix="folder-sync")
+            return self._folder_sync
+
+    def close(self) -> None:
+        """Release what the store logic holds (call once no handler runs)."""
+        with self._cond:
+            pool, self._folder_sync = self._folder_sync, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     # -- association life cycle (neutral) ------------------------------------------------
 
@@ -426,27 +446,43 @@ class StorageSCP:
                             study_instance_uid=record.study_instance_uid,
                             series_instance_uid=record.series_instance_uid,
                             sop_instance_uid=record.sop_instance_uid)
-        # The file's fsync, then the rename; then the record is written (group commit, in
-        # the recorder's thread) while this thread fsyncs the folder. Success once both
-        # are durable.
+        # When the writer is free, the record is written now and committed after the
+        # rename: the statements run while the disk finishes the file. Otherwise the
+        # recorder thread writes it after the rename (group commit). Either way the
+        # record commits while the folder is fsynced; success once both are durable.
+        try:
+            staged = self.recorder.stage(record, (audit,))
+        except DatabaseError as exc:
+            return refuse(STATUS_DB_UNAVAILABLE, f"not recorded: {exc}", rq_uid)
         try:
             self.spool.sync(tmp)  # the file's data is on disk before it takes its name
             final = self.spool.place(tmp, relpath)
         except SpoolError as exc:
+            if staged is not None:
+                staged.rollback()
             return refuse(STATUS_OUT_OF_RESOURCES, str(exc), rq_uid)
-        try:
-            recorded = self.recorder.submit(record, (audit,))
-        except DatabaseError as exc:
-            return refuse(STATUS_DB_UNAVAILABLE, f"not recorded: {exc}", rq_uid)
-        dir_error: SpoolError | None = None
-        try:
-            self.spool.sync_dir(final.parent, relpath)
-        except SpoolError as exc:
-            dir_error = exc
-        try:
-            is_new = self.recorder.wait(recorded, self.config.dicom.dimse_timeout)
-        except DatabaseError as exc:
-            return refuse(STATUS_DB_UNAVAILABLE, f"not recorded: {exc}", rq_uid)
+        if staged is not None:
+            folder = self._folder_syncer().submit(self.spool.sync_dir, final.parent, relpath)
+            try:
+                is_new = staged.commit()
+            except DatabaseError as exc:
+                folder.exception()  # not answered before the folder's fsync is over
+                return refuse(STATUS_DB_UNAVAILABLE, f"not recorded: {exc}", rq_uid)
+            dir_error = folder.exception()
+        else:
+            try:
+                recorded = self.recorder.submit(record, (audit,))
+            except DatabaseError as exc:
+                return refuse(STATUS_DB_UNAVAILABLE, f"not recorded: {exc}", rq_uid)
+            dir_error = None
+            try:
+                self.spool.sync_dir(final.parent, relpath)
+            except SpoolError as exc:
+                dir_error = exc
+            try:
+                is_new = self.recorder.wait(recorded, self.config.dicom.dimse_timeout)
+            except DatabaseError as exc:
+                return refuse(STATUS_DB_UNAVAILABLE, f"not recorded: {exc}", rq_uid)
         if dir_error is not None:
             return refuse(STATUS_OUT_OF_RESOURCES, str(dir_error), rq_uid)
 
@@ -508,6 +544,7 @@ class _Listener(Protocol):
     def established_count(self) -> int: ...
     def abort_all(self) -> None: ...
     def wait_closed(self, timeout: float) -> bool: ...
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -544,6 +581,8 @@ class RunningSCP:
         if not self.scp.wait_idle(timeout=timeout):
             log.error("C-STORE handlers still running at exit")
         self.server.wait_closed(timeout=5.0)
+        self.server.close()
+        self.scp.close()
         self.recorder.close()
         self.engine.dispose()
 

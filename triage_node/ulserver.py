@@ -40,6 +40,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -758,8 +759,8 @@ class _Connection:
     _head: bytearray
     #: bytes of the receiving file not yet handed to :attr:`NativeServer.start_writeback`
     _unwritten: int = 0
-    #: the next C-STORE's ``.incoming`` file, made ahead (:meth:`_make_spare`)
-    _spare: tuple[BinaryIO, Path] | None = None
+    #: the next C-STORE's ``.incoming`` file, being made ahead (:meth:`_make_spare`)
+    _spare: Future[tuple[BinaryIO, Path]] | None = None
 
     def _discard_partial(self) -> None:
         f = getattr(self, "_file", None)
@@ -775,19 +776,26 @@ class _Connection:
     def _discard_spare(self) -> None:
         spare, self._spare = self._spare, None
         if spare is not None:
-            with contextlib.suppress(OSError):
-                spare[0].close()
-            self.server.discard(spare[1])
+            spare.add_done_callback(self.server.discard_spare)
 
     def _make_spare(self) -> None:
-        """Create the next instance's ``.incoming`` file now, while the peer reads our
-        answer and prepares its next request: creating a file can wait on the file
-        system's journal, and it is better not to wait with a request arriving."""
+        """Have the next instance's ``.incoming`` file created on the server's helper
+        thread while the handler stores this one: creating a file costs 0.1-0.7 ms of CPU
+        here (the file system's search for a free inode), which then runs on the other
+        core while this thread waits for the disk, instead of after the answer, while the
+        peer's next request is arriving."""
         if self._spare is None:
+            self._spare = self.server.make_spare()
+
+    def _take_spare(self) -> tuple[BinaryIO, Path]:
+        """The file made ahead, else a new one (raises as ``open_incoming`` does)."""
+        spare, self._spare = self._spare, None
+        if spare is not None:
             try:
-                self._spare = self.server.open_incoming()
-            except Exception:  # unwritable spool: the next request meets it and says so
-                self._spare = None
+                return spare.result()
+            except Exception:  # e.g. unwritable spool: the direct attempt says why
+                pass
+        return self.server.open_incoming()
 
     def _serve(self) -> bool:
         """P-DATA until A-RELEASE (True) or an A-ABORT from the peer (False)."""
@@ -899,8 +907,7 @@ class _Connection:
             sop_instance = _uid(cmd.get(0x1000, b""))
             try:
                 meta = file_meta_bytes(sop_class, sop_instance, self._contexts[ctx][1])
-                spare, self._spare = self._spare, None
-                self._file, self._tmp = spare or self.server.open_incoming()
+                self._file, self._tmp = self._take_spare()
                 self._file.write(meta)
                 self._size = len(meta)
                 self._unwritten = 0
@@ -944,8 +951,6 @@ class _Connection:
             rsp = encode_response(field | 0x8000, message_id, _UNRECOGNIZED_OPERATION,
                                   sop_class, sop_instance)
         self._send_command(self._ctx, rsp)
-        if field == _C_STORE_RQ:
-            self._make_spare()  # while the peer reads the answer
 
     def _store(self, sop_class: str, sop_instance: str) -> int:
         tmp, self._tmp = self._tmp, None
@@ -957,6 +962,7 @@ class _Connection:
                 self._sink_reason or "could not write the received data")
         request = StoreRequest(self.assoc_id, self.ae, self.address, sop_class, sop_instance,
                                self._contexts[self._ctx][1], tmp, bytes(self._head), self._size)
+        self._make_spare()
         try:
             return self.server.handler.store(request)
         except Exception:
@@ -1015,6 +1021,23 @@ class NativeServer:
         self._threads: set[threading.Thread] = set()
         self._stop = threading.Event()
         self._stopped = threading.Event()
+        self._spares = ThreadPoolExecutor(2, thread_name_prefix="spool-create")
+
+    def make_spare(self) -> Future[tuple[BinaryIO, Path]] | None:
+        """Start creating an ``.incoming`` file on a helper thread (None once closed)."""
+        try:
+            return self._spares.submit(self.open_incoming)
+        except RuntimeError:  # shut down
+            return None
+
+    def discard_spare(self, made: Future[tuple[BinaryIO, Path]]) -> None:
+        """Close and remove a file made ahead that will not be used."""
+        if made.cancelled() or made.exception() is not None:
+            return
+        fh, path = made.result()
+        with contextlib.suppress(OSError):
+            fh.close()
+        self.discard(path)
 
     def serve_forever(self, poll_interval: float = 0.2) -> None:
         """Accept until :meth:`shutdown`."""
@@ -1076,3 +1099,7 @@ class NativeServer:
             if left <= 0:
                 return False
             threads[0].join(min(left, 0.5))
+
+    def close(self) -> None:
+        """After :meth:`wait_closed`: stop the helper thread (its files are removed)."""
+        self._spares.shutdown(wait=True)

@@ -39,6 +39,7 @@ from triage_node.store.predictions import (
 )
 from triage_node.store.repository import (
     InstanceWriter,
+    StagedBatch,
     claim_series,
     complete_series,
     count_instances,
@@ -73,6 +74,7 @@ from triage_node.store.worklist import (
 
 __all__ = [
     "InstanceWriter",
+    "StagedBatch",
     "add_document",
     "alembic_config",
     "beat",

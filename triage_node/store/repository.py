@@ -569,9 +569,10 @@ class InstanceWriter:
 
     Called as ``writer(instances, events)``: the
     :data:`triage_node.ingest.BatchWriter` contract; returns and raises like
-    :func:`record_batch`. Not thread-safe: one writer per thread. It keeps one connection
-    checked out between batches (no pool round trip per slice), and drops it after any
-    error, so an outage ends with a fresh connection.
+    :func:`record_batch`. :meth:`stage` writes a batch that commits later. Not thread-safe:
+    one thread at a time uses a writer (:class:`triage_node.ingest.Recorder` sees to
+    that). It keeps one connection checked out between batches (no pool round trip per
+    slice), and drops it after any error, so an outage ends with a fresh connection.
 
     On a SQLite file, writers (the node's receiving processes) take turns through an
     exclusive ``flock`` of ``<database>-writers.lock`` around each transaction
@@ -610,17 +611,28 @@ class InstanceWriter:
         picks a batch) writes with it. Raises :class:`DatabaseError` if the lock file
         cannot be opened.
         """
-        lock = None
-        if self._lock_path is not None and not self._turns:  # not held yet: take it
-            lock = self._lock_fd_for_turn()
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        self._turns += 1
+        self._take_turn()
         try:
             yield
         finally:
-            self._turns -= 1
-            if lock is not None:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+            self._give_turn()
+
+    def _take_turn(self, *, blocking: bool = True) -> bool:
+        """Take the turn (re-entrant); False only when not ``blocking`` and another
+        process has it."""
+        if self._lock_path is not None and not self._turns:  # not held yet: take it
+            lock = self._lock_fd_for_turn()
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                return False
+        self._turns += 1
+        return True
+
+    def _give_turn(self) -> None:
+        self._turns -= 1
+        if self._lock_fd is not None and not self._turns:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _lock_fd_for_turn(self) -> int:
         """The open lock file (opened once)."""
@@ -632,14 +644,62 @@ class InstanceWriter:
                 raise DatabaseError(f"cannot open {self._lock_path}: {error}") from error
         return self._lock_fd
 
+    def stage(
+        self,
+        instances: Sequence[InstanceRecord],
+        events: Sequence[EventRecord] = (),
+    ) -> StagedBatch | None:
+        """Write a batch now without committing it, if that can start at once.
+
+        For a caller with other work to wait for before the batch may commit (a file's
+        ``fsync`` and rename): the statements run now, in the caller's thread, and the
+        caller commits with :meth:`StagedBatch.commit` once its work is done, or drops the
+        batch with :meth:`StagedBatch.rollback`; this writer's turn (and on SQLite the
+        database's write lock) is held until then. None, with nothing written, when the
+        batch needs the slow path (a series this writer has not written to yet) or when
+        another process has the turn: then write it with ``writer(instances, events)``.
+        Not for use while the writer is in use by another thread.
+
+        Raises
+        ------
+        ValueError, TypeError
+            If a record is invalid (nothing is written).
+        DatabaseError
+            If the database is unreachable or refuses the write (nothing is written).
+        """
+        if not self._fast_applies(instances):
+            return None
+        checked = [_check_instance(r, i) for i, r in enumerate(instances)]
+        checked_events = [_check_event(e, i) for i, e in enumerate(events)]
+        if not self._take_turn(blocking=False):
+            return None
+        action = f"record {len(checked)} instance(s) and {len(checked_events)} event(s)"
+        try:
+            with database_errors(self._engine.url, action):
+                if self._conn is None:
+                    self._conn = self._engine.connect()
+                new = self._begin_and_write(self._conn, checked, checked_events)
+        except _SeriesGone:
+            self._series_ids.clear()
+            self._give_turn()
+            return None
+        except BaseException:
+            self._drop_connection()
+            self._give_turn()
+            raise
+        return StagedBatch(self, action, [r.sop_instance_uid in new for r in checked])
+
+    def _fast_applies(self, instances: Sequence[InstanceRecord]) -> bool:
+        """Every series known and no UID twice: what the fast path can write."""
+        return all(r.series_instance_uid in self._series_ids for r in instances) and len(
+            {r.sop_instance_uid for r in instances}) == len(instances)
+
     def _write(
         self,
         instances: Sequence[InstanceRecord],
         events: Sequence[EventRecord],
     ) -> list[bool]:
-        uids = [r.series_instance_uid for r in instances]
-        if all(u in self._series_ids for u in uids) and len(
-                {r.sop_instance_uid for r in instances}) == len(instances):
+        if self._fast_applies(instances):
             try:
                 return self._fast(instances, events)
             except _SeriesGone:
@@ -660,13 +720,20 @@ class InstanceWriter:
             with database_errors(self._engine.url, action):
                 if self._conn is None:
                     self._conn = self._engine.connect()
-                return self._fast_in(self._conn, checked, checked_events)
+                new = self._begin_and_write(self._conn, checked, checked_events)
+                self._commit(self._conn)
         except BaseException:
-            if self._conn is not None:
-                with suppress(Exception):
-                    self._conn.close()
-                self._conn = None
+            self._drop_connection()
             raise
+        return [r.sop_instance_uid in new for r in checked]
+
+    def _drop_connection(self) -> None:
+        """After an error: roll back what is open and close the connection (the next
+        batch connects afresh)."""
+        if self._conn is not None:
+            with suppress(Exception):
+                self._conn.close()
+            self._conn = None
 
     def close(self) -> None:
         """Give the connection back to the pool; close the lock file."""
@@ -677,17 +744,18 @@ class InstanceWriter:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def _fast_in(
+    def _begin_and_write(
         self,
         conn: sa.Connection,
         checked: Sequence[InstanceRecord],
         checked_events: Sequence[EventRecord],
-    ) -> list[bool]:
-        """The fast path's transaction, on the driver's connection itself: BEGIN (IMMEDIATE on
-        SQLite, as every transaction of ours there), the statements compiled once
-        (:class:`_Precompiled`) on its cursor, COMMIT; ROLLBACK on any error. Going past
-        SQLAlchemy's statement and transaction layers saves most of the CPU a slice costs
-        here (0.10 -> 0.07 ms a single-slice batch; the handler threads need the GIL too)."""
+    ) -> set[str]:
+        """The fast path's transaction up to its commit, on the driver's connection itself:
+        BEGIN (IMMEDIATE on SQLite, as every transaction of ours there), the statements
+        compiled once (:class:`_Precompiled`) on its cursor; ROLLBACK on any error.
+        Returns the UIDs that were new. Going past SQLAlchemy's statement and transaction
+        layers saves most of the CPU a slice costs here (0.10 -> 0.07 ms a single-slice
+        batch; the handler threads need the GIL too)."""
         if self._raw is None:
             self._raw = _RawStatements(conn.dialect)
         raw = self._raw
@@ -696,7 +764,7 @@ class InstanceWriter:
         driver = conn.connection.dbapi_connection
         assert driver is not None
         cursor = driver.cursor()
-        committed = False
+        written = False
         try:
             if not self._pg:
                 cursor.execute("BEGIN IMMEDIATE")  # psycopg begins by itself
@@ -731,16 +799,80 @@ class InstanceWriter:
                     raise _SeriesGone()
             for e in checked_events:
                 raw.event.run(cursor, _event_row(e))
-            driver.commit()
-            committed = True
+            written = True
         except dbapi.Error as error:
             raise exc.DBAPIError.instance(None, None, error, dbapi.Error) from error
         finally:
-            if not committed:
+            if not written:
                 with suppress(Exception):
                     driver.rollback()
             cursor.close()
-        return [r.sop_instance_uid in new for r in checked]
+        return new
+
+    @staticmethod
+    def _commit(conn: sa.Connection) -> None:
+        """COMMIT what :meth:`_begin_and_write` wrote; ROLLBACK if that fails."""
+        dbapi = conn.dialect.loaded_dbapi
+        driver = conn.connection.dbapi_connection
+        assert driver is not None
+        try:
+            driver.commit()
+        except dbapi.Error as error:
+            with suppress(Exception):
+                driver.rollback()
+            raise exc.DBAPIError.instance(None, None, error, dbapi.Error) from error
+
+
+class StagedBatch:
+    """A batch written by :meth:`InstanceWriter.stage` and not yet committed.
+
+    Exactly one of :meth:`commit` and :meth:`rollback` ends it (a second call does
+    nothing); either gives the writer's turn back.
+    """
+
+    def __init__(self, writer: InstanceWriter, action: str, results: list[bool]) -> None:
+        self._writer = writer
+        self._action = action
+        self._results = results
+        self._open = True
+
+    def commit(self) -> list[bool]:
+        """Commit; True per instance that was new.
+
+        Raises
+        ------
+        DatabaseError
+            If the commit failed (nothing of the batch is recorded).
+        """
+        if not self._open:
+            raise DatabaseError("this batch was already ended")
+        self._open = False
+        writer = self._writer
+        try:
+            with database_errors(writer._engine.url, self._action):
+                assert writer._conn is not None
+                writer._commit(writer._conn)
+        except BaseException:
+            writer._drop_connection()
+            raise
+        finally:
+            writer._give_turn()
+        return self._results
+
+    def rollback(self) -> None:
+        """Drop the batch: nothing of it is recorded."""
+        if not self._open:
+            return
+        self._open = False
+        writer = self._writer
+        try:
+            driver = writer._conn.connection.dbapi_connection if writer._conn else None
+            if driver is not None:
+                driver.rollback()
+        except Exception:
+            writer._drop_connection()
+        finally:
+            writer._give_turn()
 
 
 class _Precompiled:
