@@ -191,13 +191,14 @@ def test_storescu_with_small_pdus(tmp_path: Path, engine: str) -> None:
         assert store.count_instances(db(node)) == 3
 
 
+@pytest.mark.parametrize("failure", ["fsync fails", "a bug"])
 def test_staged_record_commits_after_the_rename_or_not_at_all(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
     """In-process node, dcmtk storescu as the peer. From the second slice of a series on,
     the record is written before the file's fsync (staged) and committed only once the
-    file has its name: the commit finds the file in place. When the fsync fails, the
-    staged record is rolled back (0xA700, nothing recorded) and the writer is free again:
-    the next slice is stored as usual."""
+    file has its name: the commit finds the file in place. When the fsync fails (0xA700),
+    or anything unforeseen is raised there (0xC211), the staged record is rolled back
+    (nothing recorded) and the writer is free again: the next slice is stored as usual."""
     from triage_node.errors import SpoolError
     from triage_node.ingest import Recorder
     from triage_node.store.repository import StagedBatch
@@ -227,7 +228,7 @@ def test_staged_record_commits_after_the_rename_or_not_at_all(
 
     def sync(self: Spool, tmp: Path) -> None:
         if len(staged) == 3:  # the third slice's file cannot be synced
-            raise SpoolError("I/O error")
+            raise SpoolError("I/O error") if failure == "fsync fails" else RuntimeError("bug")
         real_sync(self, tmp)
 
     monkeypatch.setattr(Recorder, "stage", stage)
@@ -238,7 +239,8 @@ def test_staged_record_commits_after_the_rename_or_not_at_all(
     finally:
         running.stop(5.0)
     assert out.stderr.count("(Success)") == 3, out.stderr[-2000:]
-    assert "OutOfResources" in out.stderr, out.stderr[-2000:]
+    status = "OutOfResources" if failure == "fsync fails" else "Error: CannotUnderstand"
+    assert status in out.stderr, out.stderr[-2000:]
     # the fourth may find the recorder writing the refusal's audit event, and not stage
     assert staged[:3] == [False, True, True], "the first slice of a series is not staged"
     assert in_place_at_commit == ([2, 3] if staged[3] else [2]), "commits find their files"

@@ -63,9 +63,9 @@ from pynetdicom.transport import (
 
 from triage_node import header, store
 from triage_node.config import Config
-from triage_node.domain import EventKind, EventRecord, utcnow
+from triage_node.domain import EventKind, EventRecord, InstanceRecord, utcnow
 from triage_node.errors import DatabaseError, InvalidDatasetError, SpoolError
-from triage_node.ingest import Header, Recorder, instance_record, read_header
+from triage_node.ingest import Header, Recorder, StagedRecord, instance_record, read_header
 from triage_node.logs import setup_logging
 from triage_node.spool import Spool
 from triage_node.ulserver import NativeServer, ServerSettings, StoreRequest
@@ -455,12 +455,23 @@ class StorageSCP:
         except DatabaseError as exc:
             return refuse(STATUS_DB_UNAVAILABLE, f"not recorded: {exc}", rq_uid)
         try:
-            self.spool.sync(tmp)  # the file's data is on disk before it takes its name
-            final = self.spool.place(tmp, relpath)
-        except SpoolError as exc:
+            return self._place_and_record(rq, record, audit, relpath, staged, refuse)
+        finally:
             if staged is not None:
-                staged.rollback()
+                staged.rollback()  # nothing once committed; otherwise nothing is recorded
+
+    def _place_and_record(self, rq: StoreRequest, record: InstanceRecord, audit: EventRecord,
+                          relpath: str, staged: StagedRecord | None,
+                          refuse: Callable[[int, str, str], int]) -> int:
+        """fsync the file, rename it into place, then commit the record (the staged one,
+        or through the recorder) while the folder is fsynced."""
+        rq_uid = rq.sop_instance_uid
+        try:
+            self.spool.sync(rq.path)  # the file's data is on disk before it takes its name
+            final = self.spool.place(rq.path, relpath)
+        except SpoolError as exc:
             return refuse(STATUS_OUT_OF_RESOURCES, str(exc), rq_uid)
+        dir_error: BaseException | None = None
         if staged is not None:
             folder = self._folder_syncer().submit(self.spool.sync_dir, final.parent, relpath)
             try:
@@ -474,7 +485,6 @@ class StorageSCP:
                 recorded = self.recorder.submit(record, (audit,))
             except DatabaseError as exc:
                 return refuse(STATUS_DB_UNAVAILABLE, f"not recorded: {exc}", rq_uid)
-            dir_error = None
             try:
                 self.spool.sync_dir(final.parent, relpath)
             except SpoolError as exc:
