@@ -14,11 +14,14 @@ association threads and event handlers, kept as the reference). Either writes th
 into a file in ``<spool>/.incoming`` as it arrives (no decode, no re-encode) and hands
 :meth:`StorageSCP.store` a :class:`~triage_node.ulserver.StoreRequest`.
 
-Per instance (:meth:`StorageSCP.store`): header-only parse and checks -> ``fsync`` of the
-file (its writeback started while it arrived) -> atomic rename into place -> directory
-``fsync``, while the recorder thread commits the record (group commit with concurrent
+Per instance (:meth:`StorageSCP.store`): header-only parse and checks -> the record is
+written, uncommitted, when the database writer is free (:meth:`Recorder.stage`) -> ``fsync``
+of the file (its writeback started while it arrived) -> atomic rename into place -> the
+folder's ``fsync`` on a helper thread while the record commits (the staged one in this
+thread; otherwise the recorder thread writes it now, in a group commit with concurrent
 associations) -> 0x0000 once both are done. Any failure on the way answers a specific
-failure status and logs why.
+failure status, logs why and leaves nothing recorded. The next C-STORE's file in
+``.incoming`` is created meanwhile on the receive loop's helper thread.
 
 SIGTERM: stop listening, give associations ``dicom.shutdown_grace`` seconds to finish,
 abort the rest (their unacknowledged instances are re-sent by the scanner), wait for
@@ -244,8 +247,8 @@ class StorageSCP:
         self._folder_sync: ThreadPoolExecutor | None = None
 
     def _folder_syncer(self) -> ThreadPoolExecutor:
-        """The thread that fsyncs a folder while a handler commits a staged record (one
-        record is staged at a time per process)."""
+        """The thread that fsyncs a folder while a handler commits a staged record (a
+        process stages one record at a time)."""
         with self._cond:
             if self._folder_sync is None:
                 self._folder_sync = ThreadPoolExecutor(1, thread_name_prefix="folder-sync")
