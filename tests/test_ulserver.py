@@ -191,6 +191,16 @@ def test_storescu_with_small_pdus(tmp_path: Path, engine: str) -> None:
         assert store.count_instances(db(node)) == 3
 
 
+def _in_process_native_node(tmp_path: Path) -> scp.RunningSCP:
+    """A native-engine receiving server in this process (SQLite ``node.db`` and ``spool``
+    in ``tmp_path``), on a free port: the caller stops it."""
+    config = load_config(nodeproc.write_config(
+        tmp_path / "config.toml", port=0, spool=tmp_path / "spool",
+        database_url=f"sqlite:///{tmp_path / 'node.db'}", extra='engine = "native"'))
+    scp.prepare(config)
+    return scp.serve_scp(config, port=0)
+
+
 @pytest.mark.parametrize("failure", ["fsync fails", "a bug"])
 def test_staged_record_commits_after_the_rename_or_not_at_all(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
@@ -204,11 +214,7 @@ def test_staged_record_commits_after_the_rename_or_not_at_all(
     from triage_node.store.repository import StagedBatch
 
     sent = make_ct_series(tmp_path / "in", 4, rows=64, cols=64)
-    config = load_config(nodeproc.write_config(
-        tmp_path / "config.toml", port=0, spool=tmp_path / "spool",
-        database_url=f"sqlite:///{tmp_path / 'node.db'}", extra='engine = "native"'))
-    scp.prepare(config)
-    running = scp.serve_scp(config, port=0)
+    running = _in_process_native_node(tmp_path)
     spool_root = running.scp.spool.root
     staged: list[bool] = []
     in_place_at_commit: list[bool] = []
@@ -244,7 +250,7 @@ def test_staged_record_commits_after_the_rename_or_not_at_all(
     # the fourth may find the recorder writing the refusal's audit event, and not stage
     assert staged[:3] == [False, True, True], "the first slice of a series is not staged"
     assert in_place_at_commit == ([2, 3] if staged[3] else [2]), "commits find their files"
-    factory = store.make_session_factory(store.make_engine(f"sqlite:///{tmp_path / 'node.db'}"))
+    factory = store.make_session_factory(store.make_engine(running.scp.config.database.url))
     assert store.count_instances(factory) == 3
     assert not any(running.scp.spool.incoming.iterdir())
 
@@ -265,11 +271,7 @@ def test_native_writes_large_datasets_back_early_and_leaves_no_files(
 
     monkeypatch.setattr(Spool, "start_writeback", recording)
     sent = make_ct_series(tmp_path / "in", 4, rows=512, cols=512)
-    config = load_config(nodeproc.write_config(
-        tmp_path / "config.toml", port=0, spool=tmp_path / "spool",
-        database_url=f"sqlite:///{tmp_path / 'node.db'}", extra='engine = "native"'))
-    scp.prepare(config)
-    running = scp.serve_scp(config, port=0)
+    running = _in_process_native_node(tmp_path)
     try:
         out = storescu(running.port, sent)
         assert out.stderr.count("(Success)") == 4, out.stderr[-2000:]
@@ -283,6 +285,7 @@ def test_native_writes_large_datasets_back_early_and_leaves_no_files(
             assert length >= WRITEBACK_BYTES and next_off == off + length
         # all but the last PDU's worth is on its way before the dataset is complete
         assert sum(length for _, length in calls) >= 512 * 512 * 2 - WRITEBACK_BYTES
+    config = running.scp.config
     sessions = store.make_session_factory(store.make_engine(config.database.url))
     for p in sent:
         ds = dcmread(p)

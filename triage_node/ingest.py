@@ -343,8 +343,8 @@ class Recorder:
         come) and who would rather write it while the disk works than after.
 
         Only when the writer is free this moment (nothing queued, the recorder's thread
-        not writing, the writer's ``stage`` able to start at once): None otherwise, with
-        nothing written, and the caller :meth:`submit` s the record when it may commit.
+        not writing, the writer's ``stage`` able to start at once). Otherwise None, with
+        nothing written: the caller submits the record (:meth:`submit`) once it may commit.
         While staged, the recorder's thread waits: end it soon with
         :meth:`StagedRecord.commit` or :meth:`StagedRecord.rollback`.
 

@@ -1101,5 +1101,6 @@ class NativeServer:
             threads[0].join(min(left, 0.5))
 
     def close(self) -> None:
-        """After :meth:`wait_closed`: stop the helper thread (its files are removed)."""
+        """After :meth:`wait_closed`: stop the threads that make files ahead (the
+        connections have removed the files they did not use)."""
         self._spares.shutdown(wait=True)

@@ -667,27 +667,18 @@ class InstanceWriter:
         DatabaseError
             If the database is unreachable or refuses the write (nothing is written).
         """
-        if not self._fast_applies(instances):
+        if not self._fast_applies(instances) or not self._take_turn(blocking=False):
             return None
-        checked = [_check_instance(r, i) for i, r in enumerate(instances)]
-        checked_events = [_check_event(e, i) for i, e in enumerate(events)]
-        if not self._take_turn(blocking=False):
-            return None
-        action = f"record {len(checked)} instance(s) and {len(checked_events)} event(s)"
         try:
-            with database_errors(self._engine.url, action):
-                if self._conn is None:
-                    self._conn = self._engine.connect()
-                new = self._begin_and_write(self._conn, checked, checked_events)
+            results, action = self._write_uncommitted(instances, events)
         except _SeriesGone:
             self._series_ids.clear()
             self._give_turn()
             return None
         except BaseException:
-            self._drop_connection()
             self._give_turn()
             raise
-        return StagedBatch(self, action, [r.sop_instance_uid in new for r in checked])
+        return StagedBatch(self, action, results)
 
     def _fast_applies(self, instances: Sequence[InstanceRecord]) -> bool:
         """Every series known and no UID twice: what the fast path can write."""
@@ -713,6 +704,16 @@ class InstanceWriter:
         instances: Sequence[InstanceRecord],
         events: Sequence[EventRecord],
     ) -> list[bool]:
+        results, action = self._write_uncommitted(instances, events)
+        self._commit_written(action)
+        return results
+
+    def _write_uncommitted(
+        self,
+        instances: Sequence[InstanceRecord],
+        events: Sequence[EventRecord],
+    ) -> tuple[list[bool], str]:
+        """The fast path's batch up to its commit: (True per new instance, what it does)."""
         checked = [_check_instance(r, i) for i, r in enumerate(instances)]
         checked_events = [_check_event(e, i) for i, e in enumerate(events)]
         action = f"record {len(checked)} instance(s) and {len(checked_events)} event(s)"
@@ -721,11 +722,22 @@ class InstanceWriter:
                 if self._conn is None:
                     self._conn = self._engine.connect()
                 new = self._begin_and_write(self._conn, checked, checked_events)
+        except _SeriesGone:
+            raise  # rolled back; the connection stays usable
+        except BaseException:
+            self._drop_connection()
+            raise
+        return [r.sop_instance_uid in new for r in checked], action
+
+    def _commit_written(self, action: str) -> None:
+        """COMMIT what :meth:`_write_uncommitted` wrote (DatabaseError if that fails)."""
+        try:
+            with database_errors(self._engine.url, action):
+                assert self._conn is not None
                 self._commit(self._conn)
         except BaseException:
             self._drop_connection()
             raise
-        return [r.sop_instance_uid in new for r in checked]
 
     def _drop_connection(self) -> None:
         """After an error: roll back what is open and close the connection (the next
@@ -826,8 +838,8 @@ class InstanceWriter:
 class StagedBatch:
     """A batch written by :meth:`InstanceWriter.stage` and not yet committed.
 
-    Exactly one of :meth:`commit` and :meth:`rollback` ends it (a second call does
-    nothing); either gives the writer's turn back.
+    One of :meth:`commit` and :meth:`rollback` ends it and gives the writer's turn back
+    (after that, commit raises and rollback does nothing).
     """
 
     def __init__(self, writer: InstanceWriter, action: str, results: list[bool]) -> None:
@@ -847,16 +859,10 @@ class StagedBatch:
         if not self._open:
             raise DatabaseError("this batch was already ended")
         self._open = False
-        writer = self._writer
         try:
-            with database_errors(writer._engine.url, self._action):
-                assert writer._conn is not None
-                writer._commit(writer._conn)
-        except BaseException:
-            writer._drop_connection()
-            raise
+            self._writer._commit_written(self._action)
         finally:
-            writer._give_turn()
+            self._writer._give_turn()
         return self._results
 
     def rollback(self) -> None:
