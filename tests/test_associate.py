@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from markers import needs_dcmtk
 from nodeproc import DCMTK, DCMTK_ENV, running_node
 from pynetdicom import AE
 from pynetdicom.pdu import A_ASSOCIATE_RJ
@@ -40,9 +41,7 @@ from triage_node.ulserver import (
     pynetdicom_accept,
 )
 
-pytestmark = pytest.mark.skipif(
-    not (DCMTK / "storescu").exists(), reason="dcmtk not installed (apt-get install dcmtk)"
-)
+pytestmark = needs_dcmtk
 
 MAX_PDU = 262144
 CONTEXTS = supported_contexts()

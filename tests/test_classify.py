@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from nodeproc import DCMTK, running_node, storescu
+from markers import needs_dcmtk
+from nodeproc import running_node, storescu
 
 from triage_node import store
 from triage_node.classify import classify_series
@@ -22,7 +23,7 @@ from triage_node.preprocess import PreprocessSpec
 from triage_node.series import assemble_due
 from triage_node.spool import Spool
 
-pytestmark = pytest.mark.skipif(not (DCMTK / "storescu").exists(), reason="dcmtk not installed")
+pytestmark = needs_dcmtk
 
 
 def test_received_series_classified_and_stored(tmp_path: Path) -> None:

@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from dicomfiles import make_ct_series
-from nodeproc import DCMTK, running_node
+from markers import needs_dcmtk
+from nodeproc import running_node
 
 CLI = [sys.executable, "-m", "triage_node.cli"]
 
@@ -61,7 +61,7 @@ def test_db_upgrade_is_idempotent(tmp_path: Path) -> None:
     assert cur.stdout.strip() and cur.stdout.strip() != "(empty)"
 
 
-@pytest.mark.skipif(not (DCMTK / "storescu").exists(), reason="dcmtk not installed")
+@needs_dcmtk
 def test_send_echo_series_round_trip(tmp_path: Path) -> None:
     files = make_ct_series(tmp_path / "in", 6, rows=64, cols=64)
     (tmp_path / "in" / "notes.txt").write_text("not dicom")
@@ -117,7 +117,7 @@ def test_receiving_side_never_imports_torch() -> None:
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.skipif(not (DCMTK / "storescu").exists(), reason="dcmtk not installed")
+@needs_dcmtk
 def test_phantom_studies_sent_to_the_node(tmp_path: Path) -> None:
     out = run("phantom", "--out", str(tmp_path / "ph"), "--studies", "2", "--seed", "3",
               "--slices", "6")

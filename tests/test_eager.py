@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from nodeproc import DCMTK, free_port, running_node, storescu, wait_port, write_config
+from markers import needs_dcmtk
+from nodeproc import free_port, running_node, storescu, wait_port, write_config
 from pydicom import dcmread
 
 from triage_node import store
@@ -33,7 +34,7 @@ from triage_node.spool import Spool
 from triage_node.spoolhttp import RemoteSpool, serve_spool
 from triage_node.tasks import EagerBatches
 
-pytestmark = pytest.mark.skipif(not (DCMTK / "storescu").exists(), reason="dcmtk not installed")
+pytestmark = needs_dcmtk
 
 
 def _predictor(tmp_path: Path, context: int = 1) -> Predictor:

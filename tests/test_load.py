@@ -12,13 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
+from markers import needs_dcmtk
 from nodeproc import DCMTK, DCMTK_ENV, running_node
 
 from triage_node import store
 from triage_node.phantom import StudyTruth, generate_study
 
 pytestmark = [
-    pytest.mark.skipif(not (DCMTK / "storescu").exists(), reason="dcmtk not installed"),
+    needs_dcmtk,
     pytest.mark.load,
 ]
 

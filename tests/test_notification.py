@@ -10,7 +10,7 @@ import tomllib
 import urllib.request
 from pathlib import Path
 
-import pytest
+from markers import needs_dcmtk
 from nodeproc import DCMTK, DCMTK_ENV, free_port, running_node, storescu, wait_port
 from pydicom import dcmread
 
@@ -20,7 +20,7 @@ from triage_node.model import random_artifact
 from triage_node.phantom import generate_study
 from triage_node.preprocess import PreprocessSpec
 
-pytestmark = pytest.mark.skipif(not (DCMTK / "storescp").exists(), reason="dcmtk not installed")
+pytestmark = needs_dcmtk
 
 
 def _api_port(config: Path) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 import nodeproc
 import pytest
 from dicomfiles import make_ct_series, make_instance
+from markers import needs_dcmtk
 from nodeproc import DCMTK, DCMTK_ENV, NodeProc, echoscu, running_node, storescu
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -24,9 +25,7 @@ from pydicom.uid import generate_uid
 from triage_node import scu, store
 from triage_node.domain import EventKind, InstanceState, SeriesState
 
-pytestmark = pytest.mark.skipif(
-    not (DCMTK / "storescu").exists(), reason="dcmtk not installed (apt-get install dcmtk)"
-)
+pytestmark = needs_dcmtk
 REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
 
 

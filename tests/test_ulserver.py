@@ -18,7 +18,8 @@ from pathlib import Path
 import nodeproc
 import pytest
 from dicomfiles import make_ct_series, make_instance
-from nodeproc import DCMTK, NodeProc, echoscu, running_node, storescu
+from markers import needs_dcmtk
+from nodeproc import NodeProc, echoscu, running_node, storescu
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.dimse_messages import C_STORE_RQ
@@ -42,9 +43,7 @@ from triage_node.ulserver import (
     file_meta_bytes,
 )
 
-pytestmark = pytest.mark.skipif(
-    not (DCMTK / "storescu").exists(), reason="dcmtk not installed (apt-get install dcmtk)"
-)
+pytestmark = needs_dcmtk
 
 
 @pytest.fixture(params=["native", "pynetdicom"])

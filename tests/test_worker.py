@@ -7,8 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-from nodeproc import DCMTK, running_node, storescu
+from markers import needs_dcmtk
+from nodeproc import running_node, storescu
 
 from triage_node import store
 from triage_node.domain import SeriesState
@@ -16,7 +16,7 @@ from triage_node.model import random_artifact
 from triage_node.phantom import generate_study
 from triage_node.preprocess import PreprocessSpec
 
-pytestmark = pytest.mark.skipif(not (DCMTK / "storescu").exists(), reason="dcmtk not installed")
+pytestmark = needs_dcmtk
 
 
 def _model(tmp_path: Path) -> Path:

@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import pytest
-from nodeproc import DCMTK, free_port, running_node, storescu, write_config
+from markers import needs_dcmtk
+from nodeproc import free_port, running_node, storescu, write_config
 
 from triage_node import store
 from triage_node.domain import EventKind, SeriesState
@@ -25,7 +25,7 @@ from triage_node.model import random_artifact
 from triage_node.phantom import generate_study
 from triage_node.preprocess import PreprocessSpec
 
-pytestmark = pytest.mark.skipif(not (DCMTK / "storescu").exists(), reason="dcmtk not installed")
+pytestmark = needs_dcmtk
 
 
 def _model(tmp_path: Path, size: int = 64) -> Path:

@@ -26,7 +26,8 @@ import pytest
 from dicomfiles import make_instance
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from nodeproc import DCMTK, NodeProc, echoscu, running_node
+from markers import needs_dcmtk
+from nodeproc import NodeProc, echoscu, running_node
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
@@ -35,7 +36,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000
 from triage_node import store
 from triage_node.domain import InstanceState
 
-pytestmark = pytest.mark.skipif(not (DCMTK / "echoscu").exists(), reason="dcmtk not installed")
+pytestmark = needs_dcmtk
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 from harness import scenario
-from nodeproc import DCMTK
+from markers import needs_dcmtk
 
-pytestmark = pytest.mark.skipif(not (DCMTK / "storescu").exists(), reason="dcmtk not installed")
+pytestmark = needs_dcmtk
 
 #: Space left on the spool's file system when the series arrive.
 HEADROOM = 300 * 1024

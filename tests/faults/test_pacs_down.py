@@ -5,14 +5,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import pytest
 from harness import scenario, wait_for
-from nodeproc import DCMTK
+from markers import needs_dcmtk
 
 from triage_node import store
 from triage_node.domain import DeliveryState
 
-pytestmark = pytest.mark.skipif(not (DCMTK / "storescp").exists(), reason="dcmtk not installed")
+pytestmark = needs_dcmtk
 
 #: How long the PACS stays down after the first SR is due (the issue's figure: a minute).
 PACS_DOWN_S = 60.0

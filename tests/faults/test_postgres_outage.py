@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 from harness import TcpProxy, scenario, wait_for
-from nodeproc import DCMTK
+from markers import needs_dcmtk
 from sqlalchemy.engine import make_url
 
 from triage_node.domain import SeriesState
 
 pytestmark = [
-    pytest.mark.skipif(not (DCMTK / "storescu").exists(), reason="dcmtk not installed"),
+    needs_dcmtk,
     pytest.mark.postgres,
 ]
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import pytest
 from harness import scenario, settled, wait_for
-from nodeproc import DCMTK
+from markers import needs_dcmtk
 
 from triage_node import store
 from triage_node.domain import SeriesState
 
-pytestmark = pytest.mark.skipif(not (DCMTK / "storescu").exists(), reason="dcmtk not installed")
+pytestmark = needs_dcmtk
 
 #: Redis stays down until the second series has been decided, then this much longer.
 REDIS_DOWN_AFTER_DECISION_S = 3.0

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from harness import scenario, wait_for
-from nodeproc import DCMTK
+from markers import needs_dcmtk
 
-pytestmark = pytest.mark.skipif(not (DCMTK / "storescu").exists(), reason="dcmtk not installed")
+pytestmark = needs_dcmtk
 
 
 def _placed(spool: Path) -> int:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
 from harness import scenario, settled, wait_for
-from nodeproc import DCMTK
+from markers import needs_dcmtk
 
-pytestmark = pytest.mark.skipif(not (DCMTK / "storescu").exists(), reason="dcmtk not installed")
+pytestmark = needs_dcmtk
 
 _RECEIVED = re.compile(r"Task (triage_node\.\w+)\[[^]]+\] received")
 _DONE = re.compile(r"Task triage_node\.\w+\[[^]]+\] (?:succeeded|failed|retry|raised)")
