@@ -445,9 +445,9 @@ class Recorder:
 
 
 class StagedRecord:
-    """A record :meth:`Recorder.stage` wrote and has not committed; ends with exactly one
-    of :meth:`commit` and :meth:`rollback` (later calls do nothing), which lets the
-    recorder write again."""
+    """A record :meth:`Recorder.stage` wrote and has not committed. One of :meth:`commit`
+    and :meth:`rollback` ends it and lets the recorder write again (after that, commit
+    raises and rollback does nothing)."""
 
     def __init__(self, batch: Any, writing: threading.Lock) -> None:
         self._batch = batch

@@ -739,6 +739,16 @@ class InstanceWriter:
             self._drop_connection()
             raise
 
+    def _rollback_written(self) -> None:
+        """ROLLBACK what :meth:`_write_uncommitted` wrote; a connection that cannot is
+        dropped."""
+        driver = self._conn.connection.dbapi_connection if self._conn is not None else None
+        try:
+            if driver is not None:
+                driver.rollback()
+        except Exception:
+            self._drop_connection()
+
     def _drop_connection(self) -> None:
         """After an error: roll back what is open and close the connection (the next
         batch connects afresh)."""
@@ -870,15 +880,10 @@ class StagedBatch:
         if not self._open:
             return
         self._open = False
-        writer = self._writer
         try:
-            driver = writer._conn.connection.dbapi_connection if writer._conn else None
-            if driver is not None:
-                driver.rollback()
-        except Exception:
-            writer._drop_connection()
+            self._writer._rollback_written()
         finally:
-            writer._give_turn()
+            self._writer._give_turn()
 
 
 class _Precompiled:
